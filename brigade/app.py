@@ -1,0 +1,177 @@
+"""The composition root: builds services from settings and wires them together.
+
+Two shapes exist. :func:`embedded` is everything in one process (the in-process broker,
+a local folder for images, a renderer on the demo backend or the ComfyUI at
+``COMFYUI_URL``). :func:`renderer_service` is one production renderer on RabbitMQ and
+S3. The bot and the API (their own issues) are frontends built by :func:`frontend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from brigade.settings import BrigadeSettings
+from jobs.admission import Admission
+from jobs.broker import Broker
+from jobs.bus import JobBus
+from jobs.deadletters import DeadLetterNotifier
+from jobs.ledger import Ledger
+from jobs.memory import MemoryBroker, MemoryHub
+from jobs.rabbitmq import RabbitBroker
+from jobs.settings import AmqpSettings, LedgerSettings
+from jobs.tracker import JobTracker
+from renderer.backends import load_backend
+from renderer.backends.base import Backend
+from renderer.settings import ComfyUISettings, RendererSettings, choose_backend
+from renderer.worker import Renderer, Worker
+from storage import LocalStore, LocalStoreSettings, ObjectStore, S3Settings, S3Store
+from workflows import Catalog
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Frontend:
+    """What a frontend (the CLI, the bot, the API) uses: admit jobs, follow them."""
+
+    admission: Admission
+    tracker: JobTracker
+    ledger: Ledger
+    catalog: Catalog
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    frontend: Frontend
+    worker: Worker
+    store: ObjectStore
+    backend: Backend
+
+
+async def _connected(stack: AsyncExitStack, broker: Broker) -> JobBus:
+    await broker.connect()
+    stack.push_async_callback(broker.close)
+    return JobBus(broker)
+
+
+async def frontend(
+    stack: AsyncExitStack,
+    bus: JobBus,
+    catalog: Catalog,
+    ledger_path: Path,
+    frontend_id: str,
+    *,
+    backends: list[str] | None = None,
+) -> Frontend:
+    """Open the ledger, follow this frontend's events and dead letters, publish anything
+    a crash left unpublished. Everything stops when ``stack`` closes."""
+    ledger = Ledger(ledger_path)
+    await ledger.open()
+    stack.push_async_callback(ledger.close)
+    tracker = JobTracker(bus, ledger, frontend_id)
+    await tracker.start()
+    stack.push_async_callback(tracker.stop)
+    notifier = DeadLetterNotifier(bus)
+    await notifier.start()
+    stack.push_async_callback(notifier.stop)
+    admission = Admission(catalog, ledger, bus, backends=backends)
+    recovered = await admission.recover()
+    if recovered:
+        log.info("admission.recovered", jobs=recovered)
+    return Frontend(admission, tracker, ledger, catalog)
+
+
+async def start_backend(stack: AsyncExitStack, renderer: RendererSettings) -> Backend:
+    backend = load_backend(choose_backend(renderer, ComfyUISettings()), renderer)
+    await backend.start()
+    stack.push_async_callback(backend.close)
+    return backend
+
+
+async def start_worker(
+    stack: AsyncExitStack,
+    bus: JobBus,
+    backend: Backend,
+    store: ObjectStore,
+    catalog: Catalog,
+    settings: RendererSettings,
+) -> Worker:
+    worker = Worker(bus, Renderer(backend, store, catalog, settings), settings)
+    await worker.start()
+    stack.push_async_callback(worker.stop)
+    return worker
+
+
+@asynccontextmanager
+async def embedded(
+    settings: BrigadeSettings,
+    *,
+    renderer: RendererSettings | None = None,
+    amqp: AmqpSettings | None = None,
+    images_dir: Path | None = None,
+) -> AsyncIterator[Embedded]:
+    """Everything in this process. Nothing queued here outlives it."""
+    renderer = renderer or RendererSettings()
+    topology = (amqp or AmqpSettings()).topology()
+    renderer = renderer.model_copy(update={"lanes": list(topology.lanes)})
+    async with AsyncExitStack() as stack:
+        hub = MemoryHub()
+        front_bus = await _connected(stack, MemoryBroker(hub, topology))
+        await front_bus.broker.declare()
+        render_bus = await _connected(stack, MemoryBroker(hub, topology))
+        catalog = Catalog.load(settings.workflows_dirs)
+        store = LocalStore(images_dir or LocalStoreSettings(data_dir=settings.data_dir).root)
+        await store.start()
+        stack.push_async_callback(store.close)
+        backend = await start_backend(stack, renderer)
+        ledger_path = LedgerSettings(data_dir=settings.data_dir).ledger_path
+        front = await frontend(
+            stack, front_bus, catalog, ledger_path, settings.frontend_id, backends=[backend.name]
+        )
+        worker = await start_worker(stack, render_bus, backend, store, catalog, renderer)
+        yield Embedded(front, worker, store, backend)
+
+
+def production_store(s3: S3Settings, local: LocalStoreSettings) -> ObjectStore:
+    """S3 when an endpoint or credentials are configured, else the local folder."""
+    if s3.endpoint_url or s3.access_key_id:
+        return S3Store(s3)
+    log.warning(
+        "storage.local",
+        root=str(local.root),
+        hint="set S3_ENDPOINT_URL and credentials to share images between hosts",
+    )
+    return LocalStore(local.root, public_base_url=local.public_base_url)
+
+
+async def renderer_service(stop: asyncio.Event) -> None:
+    """One production renderer: RabbitMQ, the store, the backend, until ``stop`` is set."""
+    amqp = AmqpSettings()
+    if amqp.url is None:
+        raise SystemExit("brigade renderer needs AMQP_URL (amqp://user:password@host:5672/)")
+    settings = BrigadeSettings()
+    renderer = RendererSettings()
+    topology = amqp.topology()
+    async with AsyncExitStack() as stack:
+        broker = RabbitBroker(
+            amqp.url.get_secret_value(),
+            topology,
+            name=f"renderer:{renderer.worker_id}",
+            timeout=amqp.timeout_seconds,
+        )
+        bus = await _connected(stack, broker)
+        await broker.declare()
+        store = production_store(S3Settings(), LocalStoreSettings())
+        await store.start()
+        stack.push_async_callback(store.close)
+        backend = await start_backend(stack, renderer)
+        catalog = Catalog.load(settings.workflows_dirs)
+        await start_worker(stack, bus, backend, store, catalog, renderer)
+        await stop.wait()
+        log.info("worker.stopping", drain_seconds=renderer.drain_seconds)

@@ -1,0 +1,213 @@
+"""The ``brigade`` command.
+
+``brigade imagine "PROMPT"`` runs one job through the embedded pipeline and prints where
+the image is; ``brigade renderer`` runs a production worker; ``brigade workflows list``
+shows the templates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+from brigade.logs import configure_logging
+from brigade.settings import BrigadeSettings
+
+#: Exit codes: 0 done, 1 the job failed, 2 the request was refused.
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brigade", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    imagine = commands.add_parser(
+        "imagine", help="render one prompt in this process (embedded mode) and print its path"
+    )
+    imagine.add_argument("prompt")
+    imagine.add_argument("--workflow", default="demo", help="template name (default: demo)")
+    imagine.add_argument("--negative")
+    imagine.add_argument("--seed", type=int)
+    imagine.add_argument("--steps", type=int)
+    imagine.add_argument("--cfg", type=float)
+    imagine.add_argument("--width", type=int)
+    imagine.add_argument("--height", type=int)
+    imagine.add_argument("--count", type=int, help="images in this job (the batch)")
+    imagine.add_argument(
+        "--out", type=Path, help="folder for the images (default: DATA_DIR/images)"
+    )
+    imagine.add_argument("--timeout", type=float, default=900.0, help="seconds to wait (900)")
+    imagine.add_argument("-v", "--verbose", action="store_true", help="log at info level")
+
+    commands.add_parser("renderer", help="run a renderer worker against RabbitMQ and S3")
+
+    workflows = commands.add_parser("workflows", help="workflow templates")
+    workflow_commands = workflows.add_subparsers(dest="workflows_command", required=True)
+    listing = workflow_commands.add_parser("list", help="list templates and their parameters")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = BrigadeSettings()
+    if args.command == "imagine":
+        configure_logging("info" if args.verbose else "warning", settings.log_format)
+        return asyncio.run(_imagine(args, settings))
+    configure_logging(settings.log_level, settings.log_format)
+    if args.command == "renderer":
+        return asyncio.run(_renderer())
+    return _workflows_list(settings, as_json=args.json)
+
+
+async def _imagine(args: argparse.Namespace, settings: BrigadeSettings) -> int:
+    from brigade.app import embedded
+    from jobs.exceptions import InvalidRequest
+    from jobs.models import Failed, JobRequest, Origin, Preview, Progress, Succeeded
+
+    try:
+        request = JobRequest(
+            workflow=args.workflow,
+            prompt=args.prompt,
+            negative=args.negative,
+            seed=args.seed,
+            steps=args.steps,
+            cfg=args.cfg,
+            width=args.width,
+            height=args.height,
+            count=args.count,
+        )
+    except ValueError as exc:
+        print(f"brigade: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    bar = ProgressBar(sys.stderr)
+    async with embedded(settings, images_dir=args.out) as app:
+        front = app.frontend
+        origin = Origin(frontend="cli", reply_to=settings.frontend_id)
+        try:
+            admitted = await front.admission.submit(
+                request, idempotency_key=f"cli:{uuid.uuid4()}", origin=origin
+            )
+        except InvalidRequest as exc:
+            for error in exc.errors:
+                print(f"brigade: {error.message}", file=sys.stderr)
+            return EXIT_INVALID
+        job = admitted.job
+        bar.note(f"job {job.job_id} · {job.workflow} · seed {job.seed}")
+        async with asyncio.timeout(args.timeout), front.tracker.watch(job.job_id) as watch:
+            async for event in watch:
+                if isinstance(event, Progress):
+                    bar.update(event.step, event.total)
+                elif isinstance(event, Preview):
+                    bar.preview()
+                elif isinstance(event, Failed):
+                    bar.done()
+                    print(f"brigade: {event.reason.value}: {event.message}", file=sys.stderr)
+                    return EXIT_FAILED
+                elif isinstance(event, Succeeded):
+                    bar.done()
+                    for output in event.outputs:
+                        print(_local_path(output.url))
+                    return 0
+    return EXIT_FAILED  # pragma: no cover - a watch always ends with a terminal event
+
+
+def _local_path(url: str) -> str:
+    """A ``file://`` URL as a plain path people can open; other URLs as they are."""
+    if url.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return unquote(urlparse(url).path)
+    return url
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal; sparse lines anywhere else."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._previews = 0
+        self._last_quarter = -1
+
+    def note(self, text: str) -> None:
+        print(text, file=self._stream)
+
+    def preview(self) -> None:
+        self._previews += 1
+
+    def update(self, step: int, total: int) -> None:
+        if self._tty:
+            filled = self.WIDTH * step // total
+            bar = "█" * filled + "·" * (self.WIDTH - filled)
+            self._stream.write(f"\r{bar} {step}/{total} steps · {self._previews} previews")
+            self._stream.flush()
+            return
+        quarter = 4 * step // total
+        if quarter != self._last_quarter:
+            self._last_quarter = quarter
+            print(f"step {step}/{total}", file=self._stream)
+
+    def done(self) -> None:
+        if self._tty:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+async def _renderer() -> int:
+    from brigade.app import renderer_service
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await renderer_service(stop)
+    return 0
+
+
+def _workflows_list(settings: BrigadeSettings, *, as_json: bool) -> int:
+    from workflows import Catalog
+
+    catalog = Catalog.load(settings.workflows_dirs)
+    described: list[dict[str, Any]] = [template.describe() for template in catalog]
+    if as_json:
+        print(json.dumps(described, indent=2))
+        return 0
+    for template in catalog:
+        manifest = template.manifest
+        print(f"{manifest.name}  ({', '.join(manifest.backends)})  {manifest.title}")
+        for name, param in manifest.params.items():
+            print(f"    {name:<11} {_summary(param)}")
+    return 0
+
+
+def _summary(param: Any) -> str:
+    parts = [param.type]
+    if param.min is not None or param.max is not None:
+        parts.append(f"{param.min}..{param.max}")
+    if param.multiple_of:
+        parts.append(f"×{param.multiple_of}")
+    if param.max_length:
+        parts.append(f"≤{param.max_length} chars")
+    if param.choices:
+        parts.append("|".join(param.choices))
+    if param.default is not None:
+        parts.append(f"default {param.default}")
+    elif param.random:
+        parts.append("random")
+    if param.required:
+        parts.append("required")
+    return ", ".join(str(part) for part in parts)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

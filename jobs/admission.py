@@ -1,0 +1,164 @@
+"""Admission: the only way a job enters the system.
+
+``submit`` validates a request against the workflow's manifest (and, from the quota
+issue on, the tenant's quota), then writes the ledger row, then publishes with a
+publisher confirm, then marks the row published. The idempotency key (a Discord
+interaction id, an HTTP ``Idempotency-Key``) makes a retried submit return the job
+already admitted instead of a second one.
+
+Nothing is written or queued for a request that fails validation. A publish that fails
+removes the row again, so the caller can simply retry. A crash between the write and
+the confirm leaves an unpublished row: a retried submit with the same key, or
+:meth:`Admission.recover` at start-up, publishes it (the renderer is idempotent by job
+id, so a job published twice renders once for the user).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from jobs.bus import JobBus
+from jobs.exceptions import InvalidRequest, JobsError
+from jobs.ledger import JobRecord, Ledger
+from jobs.models import Job, JobRequest, Origin
+from workflows import Catalog, FieldError, ParameterError, UnknownWorkflow
+
+log = structlog.get_logger(__name__)
+
+#: Longest idempotency key we store: Discord snowflakes and UUIDs are far shorter.
+MAX_IDEMPOTENCY_KEY = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    job: Job
+    #: False when the idempotency key was seen before and this is the earlier job.
+    created: bool
+    record: JobRecord
+
+
+class Admission:
+    def __init__(
+        self,
+        catalog: Catalog,
+        ledger: Ledger,
+        bus: JobBus,
+        *,
+        backends: Sequence[str] | None = None,
+    ) -> None:
+        self._catalog = catalog
+        self._ledger = ledger
+        self._bus = bus
+        #: Backends some renderer runs; None = do not check (workers may come later).
+        self._backends = set(backends) if backends is not None else None
+
+    @property
+    def lanes(self) -> tuple[str, ...]:
+        return self._bus.topology.lanes
+
+    def validate(self, request: JobRequest, *, idempotency_key: str, origin: Origin) -> Job:
+        """Check ``request`` and build the job it asks for. Raises :class:`InvalidRequest`
+        naming every bad field and what is allowed there."""
+        errors: list[FieldError] = []
+        if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            errors.append(
+                FieldError(
+                    "idempotency_key",
+                    f"idempotency_key: must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
+                )
+            )
+        lane = request.lane or self.lanes[0]
+        if lane not in self.lanes:
+            errors.append(
+                FieldError(
+                    "lane", f"lane: {lane!r} is not a lane (allowed: {', '.join(self.lanes)})"
+                )
+            )
+        try:
+            template = self._catalog.get(request.workflow)
+        except UnknownWorkflow as exc:
+            errors.append(FieldError("workflow", f"workflow: {exc}"))
+            raise InvalidRequest(errors) from exc
+        manifest = template.manifest
+        if manifest.lanes is not None and lane in self.lanes and lane not in manifest.lanes:
+            errors.append(
+                FieldError(
+                    "lane",
+                    f"lane: workflow {manifest.name!r} does not run on {lane!r} "
+                    f"(allowed: {', '.join(manifest.lanes)})",
+                )
+            )
+        if self._backends is not None and not self._backends & set(manifest.backends):
+            errors.append(
+                FieldError(
+                    "workflow",
+                    f"workflow: {manifest.name!r} needs a {' or '.join(manifest.backends)} "
+                    f"renderer and none is configured here",
+                )
+            )
+        try:
+            params = template.resolve(request.role_values())
+        except ParameterError as exc:
+            errors.extend(exc.errors)
+            raise InvalidRequest(errors) from exc
+        if errors:
+            raise InvalidRequest(errors)
+        return Job(
+            workflow=manifest.name,
+            lane=lane,
+            params=params,
+            origin=origin,
+            idempotency_key=idempotency_key,
+        )
+
+    async def submit(
+        self, request: JobRequest, *, idempotency_key: str, origin: Origin
+    ) -> Admitted:
+        """Admit ``request`` once per ``idempotency_key``. See the module docstring."""
+        started = time.perf_counter()
+        existing = await self._ledger.get_by_key(idempotency_key)
+        if existing is not None:
+            if not existing.published:
+                await self._publish(existing.job)
+            return Admitted(existing.job, False, existing)
+        job = self.validate(request, idempotency_key=idempotency_key, origin=origin)
+        record, created = await self._ledger.admit(job)
+        if not created:  # another submit with the same key won the race
+            return Admitted(record.job, False, record)
+        try:
+            await self._publish(job)
+        except JobsError:
+            # Not queued, so not admitted: leave nothing behind. (A cancelled submit keeps
+            # its unpublished row instead: the broker may have taken it; recover() decides.)
+            await self._ledger.forget(job.job_id)
+            raise
+        log.info(
+            "job.admitted",
+            job_id=job.job_id,
+            workflow=job.workflow,
+            lane=job.lane,
+            frontend=origin.frontend,
+            seconds=round(time.perf_counter() - started, 4),
+        )
+        record = await self._ledger.get(job.job_id) or record
+        return Admitted(job, True, record)
+
+    async def _publish(self, job: Job) -> None:
+        await self._bus.submit(job)
+        await self._ledger.mark_published(job.job_id)
+
+    async def recover(self) -> int:
+        """Publish every job whose publish was never confirmed. Returns how many."""
+        count = 0
+        for record in await self._ledger.unpublished():
+            try:
+                await self._publish(record.job)
+            except JobsError as exc:
+                log.warning("job.retry", job_id=record.job.job_id, error=str(exc))
+                continue
+            count += 1
+        return count

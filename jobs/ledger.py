@@ -1,0 +1,287 @@
+"""The SQLite ledger: the frontend's record of every job it admitted, through sqlite-utils.
+
+The ledger is the record and memory is a cache: a frontend writes the row before it
+publishes, and rebuilds what it shows from here after a restart. Each status change
+is appended to ``job_history``. Terminal states are final: a second terminal event for
+a job (a redelivered job rendered twice) changes nothing and is reported as such, which
+is how frontends show exactly one result per job.
+
+sqlite3 blocks, so every call runs in a worker thread, one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from jobs.models import (
+    Accepted,
+    Event,
+    Failed,
+    Job,
+    JobStatus,
+    Succeeded,
+    parse_event,
+    utcnow,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job as the ledger knows it."""
+
+    job: Job
+    status: JobStatus
+    published: bool
+    attempt: int | None
+    worker_id: str | None
+    #: The terminal event as it arrived, for late readers (the API's event stream).
+    terminal: Succeeded | Failed | None
+    updated_at: datetime
+
+
+class Ledger:
+    """The jobs table and its history, in one SQLite file (``:memory:`` for tests)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._path = str(path)
+        self._lock = threading.Lock()
+        self._db: sqlite_utils.Database | None = None
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._open)
+
+    def _open(self) -> None:
+        if self._path != ":memory:":
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(self._path, check_same_thread=False)
+        db = sqlite_utils.Database(connection)
+        if self._path != ":memory:":
+            db.enable_wal()
+        db.execute("PRAGMA busy_timeout = 5000")
+        if "jobs" not in db.table_names():
+            db.table("jobs").create(
+                {
+                    "job_id": str,
+                    "idempotency_key": str,
+                    "status": str,
+                    "published": int,
+                    "workflow": str,
+                    "lane": str,
+                    "prompt": str,
+                    "frontend": str,
+                    "tenant": str,
+                    "user": str,
+                    "attempt": int,
+                    "worker_id": str,
+                    "job_json": str,
+                    "terminal_json": str,
+                    "created_at": str,
+                    "updated_at": str,
+                },
+                pk="job_id",
+                not_null={"idempotency_key", "status", "job_json", "created_at"},
+            )
+            db.table("jobs").create_index(["idempotency_key"], unique=True)
+            db.table("jobs").create_index(["status", "lane", "created_at"])
+            db.table("job_history").create(
+                {"id": int, "job_id": str, "status": str, "at": str, "detail": str},
+                pk="id",
+                foreign_keys=[("job_id", "jobs", "job_id")],
+            )
+            db.table("job_history").create_index(["job_id"])
+        self._db = db
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            await asyncio.to_thread(db.conn.close)
+
+    async def _run(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        def locked() -> T:
+            if self._db is None:
+                raise RuntimeError("the ledger is not open")
+            with self._lock:
+                return fn(self._db)
+
+        return await asyncio.to_thread(locked)
+
+    async def admit(self, job: Job) -> tuple[JobRecord, bool]:
+        """Insert ``job`` as queued and unpublished, or return the job already admitted under
+        its idempotency key. The boolean says whether this call created it."""
+
+        def insert(db: sqlite_utils.Database) -> tuple[JobRecord, bool]:
+            now = utcnow().isoformat()
+            try:
+                with db.conn:
+                    db.table("jobs").insert(
+                        {
+                            "job_id": job.job_id,
+                            "idempotency_key": job.idempotency_key,
+                            "status": JobStatus.QUEUED.value,
+                            "published": 0,
+                            "workflow": job.workflow,
+                            "lane": job.lane,
+                            "prompt": job.prompt,
+                            "frontend": job.origin.frontend,
+                            "tenant": job.origin.tenant,
+                            "user": job.origin.user,
+                            "job_json": job.model_dump_json(),
+                            "created_at": job.created_at.isoformat(),
+                            "updated_at": now,
+                        }
+                    )
+                    _history(db, job.job_id, JobStatus.QUEUED, now, None)
+            except sqlite3.IntegrityError:
+                rows = list(
+                    db.table("jobs").rows_where("idempotency_key = ?", [job.idempotency_key])
+                )
+                if not rows:
+                    raise
+                return _record(rows[0]), False
+            return _record(db.table("jobs").get(job.job_id)), True
+
+        return await self._run(insert)
+
+    async def mark_published(self, job_id: str) -> None:
+        await self._run(
+            lambda db: _write(db, "UPDATE jobs SET published = 1 WHERE job_id = ?", job_id)
+        )
+
+    async def forget(self, job_id: str) -> None:
+        """Remove a job that was never published (its publish failed): nothing is left."""
+
+        def delete(db: sqlite_utils.Database) -> None:
+            with db.conn:
+                db.execute("DELETE FROM job_history WHERE job_id = ?", [job_id])
+                db.execute("DELETE FROM jobs WHERE job_id = ? AND published = 0", [job_id])
+
+        await self._run(delete)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        def get(db: sqlite_utils.Database) -> JobRecord | None:
+            rows = list(db.table("jobs").rows_where("job_id = ?", [job_id]))
+            return _record(rows[0]) if rows else None
+
+        return await self._run(get)
+
+    async def get_by_key(self, idempotency_key: str) -> JobRecord | None:
+        def get(db: sqlite_utils.Database) -> JobRecord | None:
+            rows = list(db.table("jobs").rows_where("idempotency_key = ?", [idempotency_key]))
+            return _record(rows[0]) if rows else None
+
+        return await self._run(get)
+
+    async def unpublished(self) -> list[JobRecord]:
+        """Jobs written but never confirmed by the broker (a crash between the two)."""
+        return await self._run(
+            lambda db: [
+                _record(row)
+                for row in db.table("jobs").rows_where("published = 0", order_by="created_at")
+            ]
+        )
+
+    async def history(self, job_id: str) -> list[tuple[JobStatus, str, str | None]]:
+        return await self._run(
+            lambda db: [
+                (JobStatus(row["status"]), row["at"], row["detail"])
+                for row in db.table("job_history").rows_where("job_id = ?", [job_id], order_by="id")
+            ]
+        )
+
+    async def position(self, job_id: str) -> int | None:
+        """1 + the number of queued jobs of the same lane admitted before it, or None."""
+
+        def position(db: sqlite_utils.Database) -> int | None:
+            rows = list(db.table("jobs").rows_where("job_id = ?", [job_id]))
+            if not rows or rows[0]["status"] != JobStatus.QUEUED.value:
+                return None
+            row = rows[0]
+            ahead = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = ? AND lane = ? AND created_at < ?",
+                [JobStatus.QUEUED.value, row["lane"], row["created_at"]],
+            ).fetchone()[0]
+            return int(ahead) + 1
+
+        return await self._run(position)
+
+    async def apply(self, event: Event) -> bool:
+        """Record a persistent event. Returns False when it changes nothing: the job is
+        unknown here, already terminal, or the event is older than what is recorded."""
+        if isinstance(event, Accepted):
+            status = JobStatus.RUNNING
+        elif isinstance(event, Succeeded):
+            status = JobStatus.SUCCEEDED
+        elif isinstance(event, Failed):
+            status = JobStatus.FAILED
+        else:
+            return False
+
+        def apply(db: sqlite_utils.Database) -> bool:
+            now = utcnow().isoformat()
+            with db.conn:
+                rows = list(db.table("jobs").rows_where("job_id = ?", [event.job_id]))
+                if not rows or JobStatus(rows[0]["status"]).terminal:
+                    return False
+                recorded = rows[0]["attempt"]
+                if (
+                    status is JobStatus.RUNNING
+                    and recorded is not None
+                    and recorded > event.attempt
+                ):
+                    return False
+                update: dict[str, Any] = {
+                    "status": status.value,
+                    "attempt": event.attempt,
+                    "worker_id": event.worker_id,
+                    "updated_at": now,
+                }
+                if event.terminal:
+                    update["terminal_json"] = event.model_dump_json()
+                db.table("jobs").update(event.job_id, update)
+                detail = (
+                    f"{event.reason.value}: {event.message}"
+                    if isinstance(event, Failed)
+                    else f"attempt {event.attempt} on {event.worker_id}"
+                )
+                _history(db, event.job_id, status, now, detail)
+                return True
+
+        return await self._run(apply)
+
+
+def _history(
+    db: sqlite_utils.Database, job_id: str, status: JobStatus, at: str, detail: str | None
+) -> None:
+    db.table("job_history").insert(
+        {"job_id": job_id, "status": status.value, "at": at, "detail": detail}
+    )
+
+
+def _record(row: dict[str, Any]) -> JobRecord:
+    terminal = parse_event(row["terminal_json"].encode()) if row["terminal_json"] else None
+    assert terminal is None or isinstance(terminal, Succeeded | Failed)
+    return JobRecord(
+        job=Job.model_validate_json(row["job_json"]),
+        status=JobStatus(row["status"]),
+        published=bool(row["published"]),
+        attempt=row["attempt"],
+        worker_id=row["worker_id"],
+        terminal=terminal,
+        updated_at=datetime.fromisoformat(row["updated_at"]),
+    )
+
+
+def _write(db: sqlite_utils.Database, sql: str, *params: Any) -> None:
+    with db.conn:
+        db.execute(sql, list(params))

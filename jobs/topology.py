@@ -1,0 +1,172 @@
+"""The queue topology, declared once as data and applied by a broker's ``declare()``.
+
+::
+
+    brigade.jobs (direct, key = lane) ──▶ brigade.jobs.<lane>   quorum, delivery limit,
+                                                                  dead-letters at least once
+    brigade.dlx (fanout) ──▶ brigade.jobs.dead                   kept for /queue retry
+                         └─▶ brigade.jobs.dead.notices           read by every frontend's
+                                                                  DeadLetterNotifier
+    brigade.events (direct, key = frontend id) ──▶ brigade.events.<frontend id>
+    brigade.control (fanout) ──▶ one exclusive queue per renderer
+
+Jobs and their terminal events are persistent messages on durable quorum queues; a
+frontend's event queue outlives the frontend (it expires only after a long absence), so
+a restarted bot picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+#: A quorum queue dead-letters a message once it has been returned more than this many
+#: times (a crash mid-job is a return): deliveries = limit + 1.
+DEFAULT_DELIVERY_LIMIT = 4
+#: An event queue whose frontend has been gone this long is removed by the broker.
+DEFAULT_EVENTS_QUEUE_EXPIRES_MS = 7 * 24 * 3600 * 1000
+
+
+class ExchangeKind(str, Enum):
+    DIRECT = "direct"
+    FANOUT = "fanout"
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    name: str
+    kind: ExchangeKind
+    durable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    exchange: str
+    routing_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    name: str
+    bindings: tuple[Binding, ...] = ()
+    durable: bool = True
+    quorum: bool = True
+    #: Exclusive queues belong to one connection and vanish with it (control queues).
+    exclusive: bool = False
+    delivery_limit: int | None = None
+    dead_letter_exchange: str | None = None
+    expires_ms: int | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        """The ``x-`` arguments RabbitMQ needs for this queue."""
+        args: dict[str, Any] = {}
+        if self.quorum:
+            args["x-queue-type"] = "quorum"
+        if self.delivery_limit is not None:
+            args["x-delivery-limit"] = self.delivery_limit
+        if self.dead_letter_exchange is not None:
+            args["x-dead-letter-exchange"] = self.dead_letter_exchange
+            if self.quorum:
+                # At-most-once dead-lettering can lose a job that hit its limit.
+                args["x-dead-letter-strategy"] = "at-least-once"
+                args["x-overflow"] = "reject-publish"
+        if self.expires_ms is not None:
+            args["x-expires"] = self.expires_ms
+        return args
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Every name the services agree on. Build it with :func:`build_topology`."""
+
+    prefix: str
+    lanes: tuple[str, ...]
+    delivery_limit: int
+    events_queue_expires_ms: int
+    exchanges: tuple[ExchangeSpec, ...] = field(default=())
+    queues: tuple[QueueSpec, ...] = field(default=())
+
+    @property
+    def jobs_exchange(self) -> str:
+        return f"{self.prefix}.jobs"
+
+    @property
+    def events_exchange(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def control_exchange(self) -> str:
+        return f"{self.prefix}.control"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.prefix}.dlx"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.prefix}.jobs.dead"
+
+    @property
+    def dead_letter_notices(self) -> str:
+        return f"{self.prefix}.jobs.dead.notices"
+
+    def lane_queue(self, lane: str) -> str:
+        if lane not in self.lanes:
+            raise ValueError(f"unknown lane {lane!r} (lanes: {', '.join(self.lanes)})")
+        return f"{self.prefix}.jobs.{lane}"
+
+    def events_queue(self, frontend_id: str) -> QueueSpec:
+        """The durable event queue of one frontend instance (declared by that frontend)."""
+        return QueueSpec(
+            name=f"{self.prefix}.events.{frontend_id}",
+            bindings=(Binding(self.events_exchange, frontend_id),),
+            expires_ms=self.events_queue_expires_ms,
+        )
+
+    def control_queue(self, worker_id: str) -> QueueSpec:
+        """A renderer's private control queue: it only cares while it is alive."""
+        return QueueSpec(
+            name=f"{self.prefix}.control.{worker_id}",
+            bindings=(Binding(self.control_exchange),),
+            durable=False,
+            quorum=False,
+            exclusive=True,
+        )
+
+
+def build_topology(
+    lanes: Iterable[str] = ("fast",),
+    *,
+    prefix: str = "brigade",
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    events_queue_expires_ms: int = DEFAULT_EVENTS_QUEUE_EXPIRES_MS,
+) -> Topology:
+    """The whole topology for these lanes. Tests pass a uuid ``prefix`` to stay apart."""
+    lanes = tuple(dict.fromkeys(lanes))
+    if not lanes:
+        raise ValueError("at least one lane is needed")
+    if delivery_limit < 0:
+        raise ValueError("delivery_limit must be >= 0")
+    base = Topology(prefix, lanes, delivery_limit, events_queue_expires_ms)
+    exchanges = (
+        ExchangeSpec(base.jobs_exchange, ExchangeKind.DIRECT),
+        ExchangeSpec(base.events_exchange, ExchangeKind.DIRECT),
+        ExchangeSpec(base.control_exchange, ExchangeKind.FANOUT),
+        ExchangeSpec(base.dead_letter_exchange, ExchangeKind.FANOUT),
+    )
+    queues = (
+        *(
+            QueueSpec(
+                name=base.lane_queue(lane),
+                bindings=(Binding(base.jobs_exchange, lane),),
+                delivery_limit=delivery_limit,
+                dead_letter_exchange=base.dead_letter_exchange,
+            )
+            for lane in lanes
+        ),
+        QueueSpec(base.dead_letter_queue, (Binding(base.dead_letter_exchange),)),
+        QueueSpec(base.dead_letter_notices, (Binding(base.dead_letter_exchange),)),
+    )
+    return Topology(prefix, lanes, delivery_limit, events_queue_expires_ms, exchanges, queues)

@@ -1,0 +1,63 @@
+"""The backend plug-in interface.
+
+A backend turns one bound workflow into images. Backends are found through the
+``brigade.backends`` entry-point group: each entry point names a factory
+``create(settings: RendererSettings) -> Backend``, so a third party can ship one in its
+own distribution. Built in: ``demo`` (torch, no weights) and, later, ``comfyui``.
+
+A backend never talks to the broker, the store or a user: it reports progress and
+previews through the :class:`Reporter` it is given and returns PNG bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+Scalar = str | int | float | bool
+
+
+@dataclass(frozen=True, slots=True)
+class RenderTask:
+    """One job as a backend sees it: the bound graph and the resolved parameters."""
+
+    job_id: str
+    attempt: int
+    workflow: str
+    graph: Mapping[str, Any]
+    params: Mapping[str, Scalar]
+
+
+@dataclass(frozen=True, slots=True)
+class RenderResult:
+    """The backend's outputs: encoded PNG images, in order."""
+
+    images: list[bytes]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Reporter(Protocol):
+    """How a backend tells the world what it is doing. Both calls are cheap and may drop."""
+
+    async def progress(self, step: int, total: int, node: str | None = None) -> None: ...
+
+    async def preview(self, image: bytes, mime: str, step: int | None = None) -> None: ...
+
+
+class Backend(Protocol):
+    """A GPU (or CPU) engine that renders bound workflows."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Warm up: connect, load, check. Raise ``BackendUnavailable`` when it cannot."""
+
+    async def close(self) -> None:
+        """Release everything. Safe to call twice."""
+
+    async def render(self, task: RenderTask, report: Reporter) -> RenderResult:
+        """Render ``task``. Raise ``RenderFailed`` subclasses from ``renderer.exceptions``."""
+
+    def describe(self) -> dict[str, Any]:
+        """What heartbeats advertise: device name, memory, loaded models."""

@@ -1,0 +1,62 @@
+"""The renderer's settings: every ``RENDERER_*`` variable (documented in ``.env.example``)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from jobs.settings import split_csv
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-0"
+
+
+class RendererSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RENDERER_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
+
+    #: Which backend renders: ``auto`` takes ``comfyui`` when COMFYUI_URL is set, else ``demo``.
+    backend: str = "auto"
+    #: Stable name of this worker in events and heartbeats (one worker per GPU).
+    worker_id: str = Field(default_factory=_default_worker_id)
+    #: Lanes this worker consumes, comma-separated in the environment.
+    lanes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["fast"])
+    #: Unacked jobs held at once. 1 keeps a job from waiting behind another on this GPU.
+    prefetch: int = Field(default=1, ge=1, le=16)
+    #: On SIGTERM, how long the current job may run on before it is handed back.
+    drain_seconds: float = Field(default=30.0, ge=0)
+    #: Pause before requeueing a job after a transient failure (grows with the attempt).
+    retry_backoff_seconds: float = Field(default=1.0, ge=0)
+    #: Torch device for the demo backend: ``auto`` picks CUDA when present.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Demo backend only: least wall time per step, so its progress is visible to a person.
+    demo_step_seconds: float = Field(default=0.05, ge=0)
+    #: Previews are downscaled so their longest side is at most this many pixels.
+    preview_max_side: int = Field(default=256, ge=16, le=2048)
+    #: At most one preview per job every this many seconds (previews are droppable).
+    preview_interval_seconds: float = Field(default=1.0, ge=0)
+
+    _split_lanes = field_validator("lanes", mode="before")(split_csv)
+
+
+class ComfyUISettings(BaseSettings):
+    """Where the ComfyUI this renderer drives answers (the ``comfyui`` backend)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="COMFYUI_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
+
+    #: ``http://127.0.0.1:8188``. When set, ``RENDERER_BACKEND=auto`` picks ``comfyui``.
+    url: str | None = None
+
+
+def choose_backend(renderer: RendererSettings, comfyui: ComfyUISettings) -> str:
+    """The backend name ``RENDERER_BACKEND`` means: ``auto`` follows ``COMFYUI_URL``."""
+    if renderer.backend != "auto":
+        return renderer.backend
+    return "comfyui" if comfyui.url else "demo"

@@ -1,0 +1,333 @@
+"""The renderer's worker loop: take a job, render it, store the images, report, ack.
+
+Acknowledgement policy (one place, written once):
+
+* **ack** only after every output is stored and the ``succeeded`` event is confirmed by
+  the broker, or after ``failed`` is confirmed for a job that will never render;
+* **dead-letter** (reject, no requeue) a job that failed permanently (invalid, cancelled)
+  or transiently on its last permitted delivery, right after publishing its ``failed``;
+* **requeue** after a transient failure (backend down, out of memory, store
+  unreachable, a bug), after a short backoff, so another attempt (maybe on another
+  worker) can succeed; the queue's delivery limit bounds the attempts;
+* a **crash** settles nothing: the broker returns the job, counts the delivery, and the
+  next attempt renders it again under the same job id, so its storage keys (and the
+  frontend's ledger) make the repeat harmless.
+
+On stop (SIGTERM) the worker takes no new job, lets the current one finish for up to
+``RENDERER_DRAIN_SECONDS``, then cancels it, which hands it back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from jobs.broker import Delivery, Subscription
+from jobs.bus import JobBus
+from jobs.exceptions import JobsError
+from jobs.models import (
+    Accepted,
+    Event,
+    Failed,
+    FailureReason,
+    Job,
+    Output,
+    Preview,
+    Progress,
+    Succeeded,
+)
+from renderer.backends.base import Backend, RenderTask
+from renderer.exceptions import InvalidWorkflow, RenderError
+from renderer.previews import PreviewThrottle
+from renderer.settings import RendererSettings
+from storage import ImageMeta, ObjectStore, StorageError, StorageUnavailable
+from workflows import Catalog, ParameterError, UnknownWorkflow, WorkflowError
+
+log = structlog.get_logger(__name__)
+
+#: Upload tries per image before the job is handed back (the store may be restarting).
+STORE_ATTEMPTS = 6
+#: Longest pause between two upload tries, and before a requeue.
+MAX_BACKOFF_SECONDS = 30.0
+
+
+def backoff(attempt: int, base: float) -> float:
+    """Exponential backoff with full jitter, capped: attempt 1 waits up to ``base``."""
+    return random.uniform(0, min(MAX_BACKOFF_SECONDS, base * 2 ** (attempt - 1)))
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    reason: FailureReason
+    transient: bool
+    message: str
+
+
+def classify(exc: BaseException) -> Failure:
+    """The one place that decides what an exception means for a job."""
+    if isinstance(exc, RenderError):
+        return Failure(exc.reason, exc.transient, exc.user_message)
+    if isinstance(exc, ParameterError):
+        return Failure(FailureReason.INVALID, False, f"The job's parameters are invalid: {exc}")
+    if isinstance(exc, UnknownWorkflow):
+        # This renderer lacks the workflow; another one may have it.
+        return Failure(FailureReason.INVALID, True, "No renderer here knows this workflow.")
+    if isinstance(exc, WorkflowError):
+        return Failure(FailureReason.INVALID, False, "The workflow is broken; tell an admin.")
+    if isinstance(exc, StorageError):
+        return Failure(FailureReason.INTERNAL, True, "The image store could not be reached.")
+    if isinstance(exc, JobsError):
+        return Failure(FailureReason.INTERNAL, True, "The job queue could not be reached.")
+    return Failure(FailureReason.INTERNAL, True, "Something went wrong while rendering.")
+
+
+class EventEmitter:
+    """Publishes one attempt's events with a monotonic ``seq``."""
+
+    def __init__(self, bus: JobBus, job: Job, attempt: int, worker_id: str) -> None:
+        self._bus = bus
+        self._job = job
+        self._attempt = attempt
+        self._worker_id = worker_id
+        self._seq = itertools.count()
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "job_id": self._job.job_id,
+            "attempt": self._attempt,
+            "worker_id": self._worker_id,
+            "seq": next(self._seq),
+        }
+
+    async def emit(self, event_type: Callable[..., Event], **fields: Any) -> bool:
+        event = event_type(**self._fields(), **fields)
+        return await self._bus.emit(event, self._job.origin.reply_to)
+
+
+class JobReporter:
+    """The :class:`~renderer.backends.base.Reporter` a backend gets: progress and throttled
+    previews become droppable events."""
+
+    def __init__(self, emitter: EventEmitter, throttle: PreviewThrottle) -> None:
+        self._emitter = emitter
+        self._throttle = throttle
+        self._started = time.monotonic()
+        self.previews_sent = 0
+        self.previews_dropped = 0
+
+    async def progress(self, step: int, total: int, node: str | None = None) -> None:
+        await self._emitter.emit(
+            Progress,
+            step=step,
+            total=max(total, 1),
+            node=node,
+            elapsed=round(time.monotonic() - self._started, 3),
+        )
+
+    async def preview(self, image: bytes, mime: str, step: int | None = None) -> None:
+        if not self._throttle.should_send():
+            self.previews_dropped += 1
+            return
+        if await self._emitter.emit(Preview, mime=mime, image=image, step=step):
+            self.previews_sent += 1
+        else:
+            self.previews_dropped += 1
+
+
+class Renderer:
+    """``render(job) -> outputs``: bind, render, store. No broker: testable alone."""
+
+    def __init__(
+        self, backend: Backend, store: ObjectStore, catalog: Catalog, settings: RendererSettings
+    ) -> None:
+        self.backend = backend
+        self.store = store
+        self.catalog = catalog
+        self.settings = settings
+
+    async def render(
+        self, job: Job, attempt: int, reporter: JobReporter
+    ) -> tuple[list[Output], dict[str, float]]:
+        template = self.catalog.get(job.workflow)
+        if self.backend.name not in template.manifest.backends:
+            raise InvalidWorkflow(
+                f"The workflow {job.workflow!r} cannot run on the {self.backend.name} backend."
+            )
+        graph = template.bind(job.params)
+        task = RenderTask(job.job_id, attempt, job.workflow, graph, job.params)
+        started = time.perf_counter()
+        result = await self.backend.render(task, reporter)
+        rendered = time.perf_counter()
+        if not result.images:
+            raise InvalidWorkflow("The workflow produced no image.")
+        outputs = [await self._store(job, index, png) for index, png in enumerate(result.images)]
+        timings = {
+            **result.timings,
+            "render": round(rendered - started, 4),
+            "upload": round(time.perf_counter() - rendered, 4),
+        }
+        return outputs, timings
+
+    async def _store(self, job: Job, index: int, png: bytes) -> Output:
+        meta = ImageMeta(
+            job_id=job.job_id,
+            index=index,
+            prompt=job.prompt,
+            seed=job.seed,
+            workflow=job.workflow,
+            negative=str(job.params.get("negative", "")),
+            created_at=job.created_at,
+        )
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                stored = await self.store.put_image(png, meta)
+            except StorageUnavailable as exc:
+                if attempt == STORE_ATTEMPTS:
+                    raise
+                delay = backoff(attempt, self.settings.retry_backoff_seconds)
+                log.warning(
+                    "job.retry",
+                    phase="upload",
+                    attempt=attempt,
+                    delay=round(delay, 2),
+                    error=str(exc),
+                )
+                await asyncio.sleep(delay)
+            else:
+                return Output(
+                    url=stored.url,
+                    key=stored.key,
+                    size=stored.size,
+                    width=stored.width,
+                    height=stored.height,
+                    content_type=stored.content_type,
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class Worker:
+    """Consumes the configured lanes and runs each job through a :class:`Renderer`."""
+
+    def __init__(self, bus: JobBus, renderer: Renderer, settings: RendererSettings) -> None:
+        self._bus = bus
+        self._renderer = renderer
+        self._settings = settings
+        self._subscriptions: list[Subscription] = []
+        self._running: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.completed = 0
+
+    @property
+    def worker_id(self) -> str:
+        return self._settings.worker_id
+
+    async def start(self) -> None:
+        self._subscriptions = await self._bus.consume_jobs(
+            self._settings.lanes, self._on_delivery, prefetch=self._settings.prefetch
+        )
+        log.info(
+            "worker.started",
+            worker_id=self.worker_id,
+            lanes=self._settings.lanes,
+            backend=self._renderer.backend.name,
+        )
+
+    async def stop(self, drain_seconds: float | None = None) -> None:
+        """Take no new job; give running ones ``drain_seconds``, then hand them back."""
+        drain = self._settings.drain_seconds if drain_seconds is None else drain_seconds
+        for subscription in self._subscriptions:
+            await subscription.cancel()
+        self._subscriptions = []
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=drain)
+        except TimeoutError:
+            log.warning("worker.drain_timeout", running=len(self._running))
+            for task in list(self._running):
+                task.cancel()
+            await asyncio.gather(*self._running, return_exceptions=True)
+        log.info("worker.stopped", worker_id=self.worker_id, completed=self.completed)
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)
+        self._idle.clear()
+        try:
+            await self._handle(delivery)
+        finally:
+            self._running.discard(task)
+            if not self._running:
+                self._idle.set()
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            job = Job.from_wire(delivery.body)
+        except ValidationError as exc:
+            log.error("job.unreadable", message_id=delivery.message_id, error=str(exc)[:500])
+            await delivery.dead_letter()
+            return
+        attempt = delivery.delivery_count + 1
+        last = delivery.delivery_count >= self._bus.topology.delivery_limit
+        structlog.contextvars.bind_contextvars(
+            job_id=job.job_id, attempt=attempt, worker_id=self.worker_id
+        )
+        emitter = EventEmitter(self._bus, job, attempt, self.worker_id)
+        reporter = JobReporter(emitter, PreviewThrottle(self._settings.preview_interval_seconds))
+        started = time.perf_counter()
+        queued = max(0.0, time.time() - job.created_at.timestamp())
+        await emitter.emit(Accepted, gpu=str(self._renderer.backend.describe().get("device")))
+        log.info("job.accepted", workflow=job.workflow, queued_seconds=round(queued, 3))
+        try:
+            outputs, timings = await self._renderer.render(job, attempt, reporter)
+        except asyncio.CancelledError:
+            log.warning("job.retry", reason="worker stopping")
+            raise
+        except Exception as exc:  # noqa: BLE001 - classify() decides what any failure means
+            await self._fail(delivery, emitter, exc, attempt=attempt, last=last)
+            return
+        timings["queued"] = round(queued, 4)
+        await emitter.emit(Succeeded, outputs=outputs, seed=job.seed, timings=timings)
+        await delivery.ack()
+        self.completed += 1
+        log.info(
+            "job.succeeded",
+            seconds=round(time.perf_counter() - started, 4),
+            images=len(outputs),
+            previews_sent=reporter.previews_sent,
+            previews_dropped=reporter.previews_dropped,
+            **timings,
+        )
+
+    async def _fail(
+        self, delivery: Delivery, emitter: EventEmitter, exc: Exception, *, attempt: int, last: bool
+    ) -> None:
+        failure = classify(exc)
+        if failure.transient and not last:
+            delay = backoff(attempt, self._settings.retry_backoff_seconds)
+            log.warning(
+                "job.retry",
+                reason=failure.reason.value,
+                delay=round(delay, 2),
+                error=repr(exc),
+                exc_info=not isinstance(exc, RenderError),
+            )
+            await asyncio.sleep(delay)
+            await delivery.requeue()
+            return
+        log.warning(
+            "job.failed",
+            reason=failure.reason.value,
+            error=repr(exc),
+            exc_info=failure.reason is FailureReason.INTERNAL,
+        )
+        await emitter.emit(Failed, reason=failure.reason, message=failure.message)
+        await delivery.dead_letter()

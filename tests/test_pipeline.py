@@ -1,0 +1,272 @@
+"""One job from admission to a stored image and back, over a real broker and a real S3
+server, with the demo backend; and what happens when renderers die or keep failing."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from brigade.app import Frontend, frontend, start_worker
+from jobs.broker import Broker
+from jobs.bus import JobBus
+from jobs.models import (
+    Accepted,
+    Event,
+    Failed,
+    FailureReason,
+    JobRequest,
+    Origin,
+    Preview,
+    Progress,
+    Succeeded,
+)
+from jobs.topology import Topology
+from renderer.backends.base import RenderResult, RenderTask, Reporter
+from renderer.backends.demo import create as create_demo
+from renderer.exceptions import BackendUnavailable
+from renderer.settings import RendererSettings
+from storage import ObjectStore
+from storage.settings import S3Settings
+from tests.fixtures.brokers import BrokerFactory
+from tests.fixtures.s3server import S3StoreFactory
+from workflows import Catalog
+
+FRONTEND = "front-test"
+pytestmark = pytest.mark.s3
+
+
+def renderer_settings(**overrides: Any) -> RendererSettings:
+    fields: dict[str, Any] = {
+        "worker_id": "w-test",
+        "demo_step_seconds": 0.0,
+        "preview_interval_seconds": 0.0,
+        "retry_backoff_seconds": 0.0,
+        "drain_seconds": 5.0,
+        "device": "cpu",
+        **overrides,
+    }
+    return RendererSettings(_env_file=None, **fields)
+
+
+@dataclass
+class Rig:
+    """A frontend and the means to start renderers, on one broker and one bucket."""
+
+    brokers: BrokerFactory
+    topology: Topology
+    front: Frontend
+    store: ObjectStore
+    stack: AsyncExitStack
+    catalog: Catalog
+
+    async def renderer(self, backend: Any = None, **settings: Any) -> None:
+        config = renderer_settings(**settings)
+        backend = backend or create_demo(config)
+        await backend.start()
+        self.stack.push_async_callback(backend.close)
+        broker = await self.brokers.connect(self.topology, f"renderer-{config.worker_id}")
+        await start_worker(self.stack, JobBus(broker), backend, self.store, self.catalog, config)
+
+    async def submit(self, key: str = "k", **fields: Any) -> str:
+        request = JobRequest(workflow="demo", **{"prompt": "a lighthouse at dusk", **fields})
+        admitted = await self.front.admission.submit(
+            request, idempotency_key=key, origin=Origin(frontend="cli", reply_to=FRONTEND)
+        )
+        return admitted.job.job_id
+
+    async def events(self, job_id: str, timeout: float = 30) -> list[Event]:
+        async with asyncio.timeout(timeout), self.front.tracker.watch(job_id) as watch:
+            return [event async for event in watch]
+
+
+@pytest.fixture
+async def rig(
+    brokers: BrokerFactory, test_prefix: str, tmp_path: Path, s3_store_factory: S3StoreFactory
+) -> AsyncIterator[Rig]:
+    topology = brokers.topology(test_prefix, delivery_limit=2, frontends=(FRONTEND,))
+    broker: Broker = await brokers.connect(topology, "frontend")
+    await broker.declare()
+    store = await s3_store_factory()
+    catalog = Catalog.load()
+    async with AsyncExitStack() as stack:
+        front = await frontend(stack, JobBus(broker), catalog, tmp_path / "ledger.db", FRONTEND)
+        yield Rig(brokers, topology, front, store, stack, catalog)
+
+
+async def test_a_job_renders_and_lands_in_the_bucket(rig: Rig) -> None:
+    await rig.renderer()
+    job_id = await rig.submit(prompt="a lighthouse at dusk", steps=6, width=128, height=96)
+
+    events = await rig.events(job_id)
+
+    kinds = [type(e) for e in events]
+    assert kinds[0] is Accepted
+    assert kinds.count(Succeeded) == 1 and kinds[-1] is Succeeded
+    steps = [e.step for e in events if isinstance(e, Progress)]
+    assert steps == sorted(steps) and steps[-1] == 6
+    assert any(isinstance(e, Preview) for e in events)
+    result = events[-1]
+    assert isinstance(result, Succeeded)
+    (output,) = result.outputs
+    assert f"/{job_id}/0.png" in output.key
+    async with aiohttp.ClientSession() as http, http.get(output.url) as response:
+        assert response.status == 200
+        body = await response.read()
+    image = Image.open(io.BytesIO(body))
+    assert image.format == "PNG" and image.size == (128, 96)
+    assert image.info["prompt"] == "a lighthouse at dusk"
+    record = await rig.front.ledger.get(job_id)
+    assert record is not None and record.status.value == "succeeded"
+
+
+class AlwaysDown:
+    """A backend whose engine never answers: every attempt fails transiently."""
+
+    name = "demo"
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "down", "device": "none"}
+
+    async def render(self, task: RenderTask, report: Reporter) -> RenderResult:
+        self.attempts += 1
+        raise BackendUnavailable("The renderer's engine is not answering.")
+
+
+async def test_a_job_failing_past_the_delivery_limit_is_dead_lettered_once(rig: Rig) -> None:
+    backend = AlwaysDown()
+    await rig.renderer(backend=backend)
+
+    job_id = await rig.submit()
+    events = await rig.events(job_id)
+
+    failures = [e for e in events if isinstance(e, Failed)]
+    assert len(failures) == 1
+    assert failures[0].reason is FailureReason.BACKEND_DOWN
+    assert backend.attempts == rig.topology.delivery_limit + 1
+    broker = await rig.brokers.connect(rig.topology, "inspector")
+    async with asyncio.timeout(10):
+        while (dead := await broker.get(rig.topology.dead_letter_queue)) is None:
+            await asyncio.sleep(0.05)
+    assert dead.death_reason == "rejected"
+    await dead.ack()
+    await asyncio.sleep(0.3)  # a notice would arrive now if it were going to
+    assert len([e for e in await rig.events(job_id) if isinstance(e, Failed)]) == 1
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("brokers", ["rabbitmq"], indirect=True)
+async def test_a_renderer_killed_mid_job_loses_nothing(
+    rig: Rig, amqp_url: str, s3_settings: S3Settings, tmp_path: Path
+) -> None:
+    """``kill -9`` of a real ``brigade renderer`` process while it renders: the broker
+    hands the job to the next renderer, and the frontend sees exactly one result."""
+    doomed = start_renderer_process(rig, amqp_url, s3_settings, tmp_path, "doomed")
+    seen: list[Event] = []
+    accepted = asyncio.Event()
+
+    async def listen(event: Event) -> None:
+        seen.append(event)
+        if isinstance(event, Progress) and event.worker_id == "doomed" and event.step >= 2:
+            accepted.set()
+
+    rig.front.tracker.add_listener(listen)
+    try:
+        job_id = await rig.submit(steps=30, width=64, height=64)
+        async with asyncio.timeout(60):
+            await accepted.wait()
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(timeout=10)
+        await rig.renderer(worker_id="survivor")
+        result = await rig.front.tracker.wait(job_id, timeout=30)
+        await asyncio.sleep(0.5)
+    finally:
+        stop_process(doomed)
+
+    assert isinstance(result, Succeeded)
+    assert (result.worker_id, result.attempt) == ("survivor", 2)
+    assert [e.worker_id for e in seen if isinstance(e, Succeeded | Failed)] == ["survivor"]
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("brokers", ["rabbitmq"], indirect=True)
+async def test_sigterm_lets_the_current_job_finish(
+    rig: Rig, amqp_url: str, s3_settings: S3Settings, tmp_path: Path
+) -> None:
+    renderer = start_renderer_process(rig, amqp_url, s3_settings, tmp_path, "draining")
+    started = asyncio.Event()
+
+    async def listen(event: Event) -> None:
+        if isinstance(event, Progress):
+            started.set()
+
+    rig.front.tracker.add_listener(listen)
+    try:
+        job_id = await rig.submit(steps=15, width=64, height=64)
+        async with asyncio.timeout(60):
+            await started.wait()
+        renderer.send_signal(signal.SIGTERM)
+        result = await rig.front.tracker.wait(job_id, timeout=30)
+        code = await asyncio.to_thread(renderer.wait, 30)
+    finally:
+        stop_process(renderer)
+
+    assert isinstance(result, Succeeded) and result.worker_id == "draining"
+    assert code == 0
+
+
+def start_renderer_process(
+    rig: Rig, amqp_url: str, s3: S3Settings, tmp_path: Path, worker_id: str
+) -> subprocess.Popen[bytes]:
+    assert s3.access_key_id is not None and s3.secret_access_key is not None
+    env = {
+        **os.environ,
+        "AMQP_URL": amqp_url,
+        "AMQP_PREFIX": rig.topology.prefix,
+        "AMQP_DELIVERY_LIMIT": str(rig.topology.delivery_limit),
+        "S3_ENDPOINT_URL": str(s3.endpoint_url),
+        "S3_BUCKET": s3.bucket,
+        "S3_REGION": s3.region,
+        "S3_ACCESS_KEY_ID": s3.access_key_id.get_secret_value(),
+        "S3_SECRET_ACCESS_KEY": s3.secret_access_key.get_secret_value(),
+        "S3_PREFIX": "killed",
+        "RENDERER_WORKER_ID": worker_id,
+        "RENDERER_DEMO_STEP_SECONDS": "0.2",
+        "RENDERER_DEVICE": "cpu",
+        "RENDERER_DRAIN_SECONDS": "30",
+        "BRIGADE_DATA_DIR": str(tmp_path / worker_id),
+        "BRIGADE_LOG_FORMAT": "json",
+    }
+    with (tmp_path / f"{worker_id}.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "brigade.cli", "renderer"],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=10)
