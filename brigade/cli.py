@@ -14,10 +14,14 @@ import signal
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from brigade.logs import configure_logging
 from brigade.settings import BrigadeSettings
+
+if TYPE_CHECKING:
+    from jobs.models import JobRequest
+    from renderer.settings import RendererSettings
 
 #: Exit codes: 0 done, 1 the job failed, 2 the request was refused.
 EXIT_FAILED = 1
@@ -68,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _imagine(args: argparse.Namespace, settings: BrigadeSettings) -> int:
-    from brigade.app import embedded
-    from jobs.exceptions import InvalidRequest
-    from jobs.models import Failed, JobRequest, Origin, Preview, Progress, Succeeded
+    from jobs.models import JobRequest
 
     try:
         request = JobRequest(
@@ -87,8 +89,31 @@ async def _imagine(args: argparse.Namespace, settings: BrigadeSettings) -> int:
     except ValueError as exc:
         print(f"brigade: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    from renderer.backends import UnknownBackend
+    from renderer.settings import RendererSettings
+
     bar = ProgressBar(sys.stderr)
-    async with embedded(settings, images_dir=args.out) as app:
+    # Ctrl-C should stop at once: nobody waits for a job this process no longer watches.
+    renderer = RendererSettings().model_copy(update={"drain_seconds": 0.0})
+    try:
+        return await _run_one(args, settings, request, renderer, bar)
+    except UnknownBackend as exc:
+        print(f"brigade: {exc}. Unset COMFYUI_URL or set RENDERER_BACKEND=demo.", file=sys.stderr)
+        return EXIT_INVALID
+
+
+async def _run_one(
+    args: argparse.Namespace,
+    settings: BrigadeSettings,
+    request: JobRequest,
+    renderer: RendererSettings,
+    bar: ProgressBar,
+) -> int:
+    from brigade.app import embedded
+    from jobs.exceptions import InvalidRequest
+    from jobs.models import Failed, Origin, Preview, Progress, Succeeded
+
+    async with embedded(settings, renderer=renderer, images_dir=args.out) as app:
         front = app.frontend
         origin = Origin(frontend="cli", reply_to=settings.frontend_id)
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -120,15 +120,18 @@ class Admission:
     ) -> Admitted:
         """Admit ``request`` once per ``idempotency_key``. See the module docstring."""
         started = time.perf_counter()
-        existing = await self._ledger.get_by_key(idempotency_key)
-        if existing is not None:
-            if not existing.published:
-                await self._publish(existing.job)
-            return Admitted(existing.job, False, existing)
-        job = self.validate(request, idempotency_key=idempotency_key, origin=origin)
+        try:
+            job = self.validate(request, idempotency_key=idempotency_key, origin=origin)
+        except InvalidRequest:
+            # A retry of a submit that was admitted before (the rules may have changed
+            # since) still gets its job.
+            existing = await self._ledger.get_by_key(idempotency_key)
+            if existing is None:
+                raise
+            return await self._again(existing)
         record, created = await self._ledger.admit(job)
-        if not created:  # another submit with the same key won the race
-            return Admitted(record.job, False, record)
+        if not created:  # this key was admitted before: that job is the answer
+            return await self._again(record)
         try:
             await self._publish(job)
         except JobsError:
@@ -144,8 +147,13 @@ class Admission:
             frontend=origin.frontend,
             seconds=round(time.perf_counter() - started, 4),
         )
-        record = await self._ledger.get(job.job_id) or record
-        return Admitted(job, True, record)
+        return Admitted(job, True, replace(record, published=True))
+
+    async def _again(self, record: JobRecord) -> Admitted:
+        if not record.published:  # its first submit died before the broker confirmed it
+            await self._publish(record.job)
+            record = replace(record, published=True)
+        return Admitted(record.job, False, record)
 
     async def _publish(self, job: Job) -> None:
         await self._bus.submit(job)

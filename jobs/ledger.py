@@ -68,6 +68,9 @@ class Ledger:
         db = sqlite_utils.Database(connection)
         if self._path != ":memory:":
             db.enable_wal()
+            # WAL with NORMAL stays consistent on a crash; a power cut may lose the last
+            # commits, and the broker still holds those jobs.
+            db.execute("PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA busy_timeout = 5000")
         if "jobs" not in db.table_names():
             db.table("jobs").create(

@@ -117,7 +117,6 @@ class RabbitBroker(Broker):
         self._timeout = timeout
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> None:
         if self._connection is not None:
@@ -140,10 +139,6 @@ class RabbitBroker(Broker):
         connection, self._connection, self._publisher = self._connection, None, None
         if connection is not None:
             await connection.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _channel(self) -> AbstractRobustChannel:
         if self._publisher is None:

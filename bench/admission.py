@@ -1,0 +1,116 @@
+"""Admission rate beside the raw confirmed-publish rate of aio-pika, on the same broker.
+
+Run from the repository root, with RabbitMQ at ``AMQP_URL`` (default: guest on loopback)::
+
+    .venv/bin/python -m bench.admission [--jobs 500] [--rounds 5]
+
+Each round publishes ``--jobs`` messages one at a time with publisher confirms through
+plain aio-pika (the floor nothing can beat), then admits ``--jobs`` requests through
+``Admission.submit`` (validate against the manifest, write the SQLite ledger row, publish
+with a confirm, mark it published). Rounds alternate, so both see the same machine;
+it prints the median rate of each and their ratio. Queues are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aio_pika
+import structlog
+
+from jobs.admission import Admission
+from jobs.bus import JobBus
+from jobs.ledger import Ledger
+from jobs.models import JobRequest, Origin
+from jobs.rabbitmq import RabbitBroker
+from jobs.topology import build_topology
+from workflows import Catalog
+
+URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+async def raw_rate(jobs: int, exchange: str, body: bytes) -> float:
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        target = await channel.get_exchange(exchange)
+        began = time.perf_counter()
+        for _ in range(jobs):
+            await target.publish(
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                "fast",
+                mandatory=True,
+            )
+        return jobs / (time.perf_counter() - began)
+
+
+async def admission_rate(admission: Admission, jobs: int) -> float:
+    origin = Origin(frontend="api", reply_to="bench")
+    began = time.perf_counter()
+    for n in range(jobs):
+        await admission.submit(
+            JobRequest(workflow="sd15-txt2img", prompt=f"a lighthouse at dusk #{n}", seed=n),
+            idempotency_key=str(uuid.uuid4()),
+            origin=origin,
+        )
+    return jobs / (time.perf_counter() - began)
+
+
+async def main(jobs: int, rounds: int) -> None:
+    topology = build_topology(["fast"], prefix=f"bench{uuid.uuid4().hex[:8]}")
+    broker = RabbitBroker(URL, topology, name="bench")
+    await broker.connect()
+    await broker.declare()
+    with tempfile.TemporaryDirectory() as folder:
+        ledger = Ledger(Path(folder) / "ledger.sqlite3")
+        await ledger.open()
+        admission = Admission(Catalog.load(), ledger, JobBus(broker))
+        sample = admission.validate(
+            JobRequest(workflow="sd15-txt2img", prompt="a lighthouse at dusk #0", seed=0),
+            idempotency_key="sample",
+            origin=Origin(frontend="api", reply_to="bench"),
+        )
+        raw: list[float] = []
+        admitted: list[float] = []
+        try:
+            for _ in range(rounds):
+                raw.append(await raw_rate(jobs, topology.jobs_exchange, sample.to_wire()))
+                admitted.append(await admission_rate(admission, jobs))
+        finally:
+            await ledger.close()
+            connection = await aio_pika.connect(URL)
+            async with connection:
+                channel = await connection.channel()
+                for queue in topology.queues:
+                    await channel.queue_delete(queue.name, if_unused=False, if_empty=False)
+                for exchange in topology.exchanges:
+                    await channel.exchange_delete(exchange.name)
+            await broker.close()
+    raw_median, admitted_median = statistics.median(raw), statistics.median(admitted)
+    print(
+        f"raw confirmed publish: median {raw_median:8.1f} msg/s  (rounds: "
+        f"{', '.join(f'{r:.0f}' for r in raw)})"
+    )
+    print(
+        f"admission            : median {admitted_median:8.1f} jobs/s (rounds: "
+        f"{', '.join(f'{r:.0f}' for r in admitted)})"
+    )
+    print(f"ratio admission/raw  : {admitted_median / raw_median:.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    asyncio.run(main(args.jobs, args.rounds))
