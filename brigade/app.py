@@ -20,10 +20,12 @@ from brigade.settings import BrigadeSettings
 from jobs.admission import Admission
 from jobs.broker import Broker
 from jobs.bus import JobBus
+from jobs.control import JobControl
 from jobs.deadletters import DeadLetterNotifier
 from jobs.ledger import Ledger
 from jobs.memory import MemoryBroker, MemoryHub
 from jobs.rabbitmq import RabbitBroker
+from jobs.registry import WorkerRegistry
 from jobs.settings import AmqpSettings, LedgerSettings
 from jobs.tracker import JobTracker
 from renderer.backends import load_backend
@@ -44,6 +46,8 @@ class Frontend:
     tracker: JobTracker
     ledger: Ledger
     catalog: Catalog
+    control: JobControl
+    workers: WorkerRegistry
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +73,9 @@ async def frontend(
     *,
     backends: list[str] | None = None,
 ) -> Frontend:
-    """Open the ledger, follow this frontend's events and dead letters, publish anything
-    a crash left unpublished. Everything stops when ``stack`` closes."""
+    """Open the ledger, follow this frontend's events, dead letters and the fleet's
+    heartbeats, publish anything a crash left unpublished. Everything stops when
+    ``stack`` closes."""
     ledger = Ledger(ledger_path)
     await ledger.open()
     stack.push_async_callback(ledger.close)
@@ -80,11 +85,15 @@ async def frontend(
     notifier = DeadLetterNotifier(bus)
     await notifier.start()
     stack.push_async_callback(notifier.stop)
+    workers = WorkerRegistry(bus, frontend_id)
+    await workers.start()
+    stack.push_async_callback(workers.stop)
     admission = Admission(catalog, ledger, bus, backends=backends)
     recovered = await admission.recover()
     if recovered:
         log.info("admission.recovered", jobs=recovered)
-    return Frontend(admission, tracker, ledger, catalog)
+    control = JobControl(bus, ledger, tracker)
+    return Frontend(admission, tracker, ledger, catalog, control, workers)
 
 
 async def start_backend(stack: AsyncExitStack, renderer: RendererSettings) -> Backend:

@@ -12,7 +12,7 @@ import structlog
 
 from jobs.broker import Broker, Handler, Subscription
 from jobs.exceptions import JobsError
-from jobs.models import Event, Job
+from jobs.models import Control, Event, Heartbeat, Job
 from jobs.topology import Topology
 
 log = structlog.get_logger(__name__)
@@ -74,3 +74,32 @@ class JobBus:
         spec = self.topology.events_queue(frontend_id)
         await self.broker.declare_queue(spec)
         return await self.broker.consume(spec.name, handler, prefetch=prefetch)
+
+    async def control(self, message: Control) -> None:
+        """Tell every renderer. Nobody listening is fine: there is nothing to control."""
+        await self.broker.publish(
+            self.topology.control_exchange,
+            "",
+            message.to_wire(),
+            persistent=False,
+            mandatory=False,
+        )
+
+    async def consume_control(self, worker_id: str, handler: Handler) -> Subscription:
+        spec = self.topology.control_queue(worker_id)
+        await self.broker.declare_queue(spec)
+        return await self.broker.consume(spec.name, handler, prefetch=16)
+
+    async def heartbeat(self, beat: Heartbeat) -> None:
+        await self.broker.publish(
+            self.topology.heartbeats_exchange,
+            "",
+            beat.to_wire(),
+            persistent=False,
+            mandatory=False,
+        )
+
+    async def consume_heartbeats(self, frontend_id: str, handler: Handler) -> Subscription:
+        spec = self.topology.heartbeats_queue(frontend_id)
+        await self.broker.declare_queue(spec)
+        return await self.broker.consume(spec.name, handler, prefetch=64)

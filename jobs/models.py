@@ -239,3 +239,50 @@ _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 def parse_event(body: bytes) -> Event:
     """Decode one event from the wire. Raises ``pydantic.ValidationError`` when malformed."""
     return _EVENT_ADAPTER.validate_json(body)
+
+
+class ControlAction(str, Enum):
+    CANCEL = "cancel"
+
+
+class Control(_Wire):
+    """A message to every renderer (the control fanout)."""
+
+    schema_version: Literal[1] = 1
+    action: ControlAction
+    job_id: StrictStr | None = None
+    requested_by: StrictStr | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+    def to_wire(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class WorkerState(str, Enum):
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class Heartbeat(_Wire):
+    """What a renderer says about itself every few seconds (``/workers``, ``/queue``)."""
+
+    schema_version: Literal[1] = 1
+    worker_id: StrictStr
+    backend: StrictStr
+    lanes: list[StrictStr]
+    state: WorkerState
+    job_id: StrictStr | None = None
+    device: StrictStr | None = None
+    vram_total: StrictInt | None = None
+    vram_free: StrictInt | None = None
+    models: list[StrictStr] = Field(default_factory=list)
+    healthy: bool = True
+    completed: StrictInt = 0
+    #: Seconds until the next heartbeat: a worker silent for 3 intervals is gone.
+    interval: float
+    at: datetime = Field(default_factory=utcnow)
+
+    def to_wire(self) -> bytes:
+        return self.model_dump_json().encode()

@@ -9,6 +9,7 @@
                                                                   DeadLetterNotifier
     brigade.events (direct, key = frontend id) ──▶ brigade.events.<frontend id>
     brigade.control (fanout) ──▶ one exclusive queue per renderer
+    brigade.heartbeats (fanout) ──▶ one exclusive queue per frontend (short message TTL)
 
 Jobs and their terminal events are persistent messages on durable quorum queues; a
 frontend's event queue outlives the frontend (it expires only after a long absence), so
@@ -27,6 +28,8 @@ from typing import Any
 DEFAULT_DELIVERY_LIMIT = 4
 #: An event queue whose frontend has been gone this long is removed by the broker.
 DEFAULT_EVENTS_QUEUE_EXPIRES_MS = 7 * 24 * 3600 * 1000
+#: A heartbeat nobody read within this long is stale news: dropped by the broker.
+HEARTBEAT_TTL_MS = 30_000
 
 
 class ExchangeKind(str, Enum):
@@ -58,6 +61,8 @@ class QueueSpec:
     delivery_limit: int | None = None
     dead_letter_exchange: str | None = None
     expires_ms: int | None = None
+    #: Messages older than this are dropped unread (heartbeats are news, not history).
+    message_ttl_ms: int | None = None
 
     def arguments(self) -> dict[str, Any]:
         """The ``x-`` arguments RabbitMQ needs for this queue."""
@@ -74,6 +79,8 @@ class QueueSpec:
                 args["x-overflow"] = "reject-publish"
         if self.expires_ms is not None:
             args["x-expires"] = self.expires_ms
+        if self.message_ttl_ms is not None:
+            args["x-message-ttl"] = self.message_ttl_ms
         return args
 
 
@@ -99,6 +106,10 @@ class Topology:
     @property
     def control_exchange(self) -> str:
         return f"{self.prefix}.control"
+
+    @property
+    def heartbeats_exchange(self) -> str:
+        return f"{self.prefix}.heartbeats"
 
     @property
     def dead_letter_exchange(self) -> str:
@@ -135,6 +146,17 @@ class Topology:
             exclusive=True,
         )
 
+    def heartbeats_queue(self, frontend_id: str) -> QueueSpec:
+        """A frontend's private view of the fleet's heartbeats, while it is alive."""
+        return QueueSpec(
+            name=f"{self.prefix}.heartbeats.{frontend_id}",
+            bindings=(Binding(self.heartbeats_exchange),),
+            durable=False,
+            quorum=False,
+            exclusive=True,
+            message_ttl_ms=HEARTBEAT_TTL_MS,
+        )
+
 
 def build_topology(
     lanes: Iterable[str] = ("fast",),
@@ -154,6 +176,7 @@ def build_topology(
         ExchangeSpec(base.jobs_exchange, ExchangeKind.DIRECT),
         ExchangeSpec(base.events_exchange, ExchangeKind.DIRECT),
         ExchangeSpec(base.control_exchange, ExchangeKind.FANOUT),
+        ExchangeSpec(base.heartbeats_exchange, ExchangeKind.FANOUT),
         ExchangeSpec(base.dead_letter_exchange, ExchangeKind.FANOUT),
     )
     queues = (

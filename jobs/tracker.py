@@ -14,7 +14,7 @@ rendered twice) is dropped. So each watcher sees at most one terminal event per 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 
@@ -35,6 +35,8 @@ WATCH_BUFFER = 32
 #: Recent events kept per running job, replayed to a watch that starts late (a frontend
 #: learns the job id only once admission returns, and a fast renderer may be ahead).
 REPLAY = 16
+#: Finished jobs remembered, so their late progress and previews are dropped.
+REMEMBERED_FINISHED = 10_000
 
 
 class JobWatch:
@@ -80,6 +82,7 @@ class JobTracker:
         self._listeners: list[Listener] = []
         self._last: dict[str, tuple[int, int]] = {}
         self._recent: dict[str, deque[Event]] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
         self._subscription: Subscription | None = None
         # Deliveries run in tasks of their own; this lock (FIFO) keeps them in queue order.
         self._in_order = asyncio.Lock()
@@ -121,6 +124,14 @@ class JobTracker:
                         return event
         raise AssertionError("a watch ends with a terminal event")  # pragma: no cover
 
+    async def record(self, event: Event) -> bool:
+        """Apply an event this process made itself (a cancel) as if it had arrived."""
+        async with self._in_order:
+            if not await self._accept(event):
+                return False
+            await self._dispatch(event)
+            return True
+
     async def _on_delivery(self, delivery: Delivery) -> None:
         async with self._in_order:
             await self._process(delivery)
@@ -138,6 +149,8 @@ class JobTracker:
         await delivery.ack()
 
     async def _accept(self, event: Event) -> bool:
+        if event.job_id in self._finished:
+            return False  # a late frame, or a second terminal event
         order = (event.attempt, event.seq)
         last = self._last.get(event.job_id)
         if not event.terminal and last is not None and order <= last:
@@ -147,6 +160,9 @@ class JobTracker:
         if event.terminal:
             self._last.pop(event.job_id, None)
             self._recent.pop(event.job_id, None)
+            self._finished[event.job_id] = None
+            if len(self._finished) > REMEMBERED_FINISHED:
+                self._finished.popitem(last=False)
         else:
             self._last[event.job_id] = order
             self._recent.setdefault(event.job_id, deque(maxlen=REPLAY)).append(event)

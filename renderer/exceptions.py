@@ -51,3 +51,10 @@ class InvalidWorkflow(PermanentRenderError):
 
 class RenderCancelled(PermanentRenderError):
     reason = FailureReason.CANCELLED
+
+
+class OutOfMemoryExhausted(PermanentRenderError):
+    """Out of memory again after the backend freed what it could and retried once: the
+    job fails now instead of going round the GPUs (a smaller job may fit)."""
+
+    reason = FailureReason.OOM

@@ -32,6 +32,8 @@ class RendererSettings(BaseSettings):
     drain_seconds: float = Field(default=30.0, ge=0)
     #: Pause before requeueing a job after a transient failure (grows with the attempt).
     retry_backoff_seconds: float = Field(default=1.0, ge=0)
+    #: Seconds between two heartbeats (the fleet registry drops a worker after 3 missed).
+    heartbeat_seconds: float = Field(default=5.0, gt=0, le=300)
     #: Torch device for the demo backend: ``auto`` picks CUDA when present.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Demo backend only: least wall time per step, so its progress is visible to a person.

@@ -9,6 +9,8 @@ Acknowledgement policy (one place, written once):
 * **requeue** after a transient failure (backend down, out of memory, store
   unreachable, a bug), after a short backoff, so another attempt (maybe on another
   worker) can succeed; the queue's delivery limit bounds the attempts;
+* **ack** a cancelled job after publishing its ``failed`` (reason ``cancelled``): a cancel
+  is final and there is nothing to retry;
 * a **crash** settles nothing: the broker returns the job, counts the delivery, and the
   next attempt renders it again under the same job id, so its storage keys (and the
   frontend's ledger) make the repeat harmless.
@@ -23,7 +25,9 @@ import asyncio
 import itertools
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,17 +36,22 @@ from pydantic import ValidationError
 
 from jobs.broker import Delivery, Subscription
 from jobs.bus import JobBus
+from jobs.control import CANCELLED_MESSAGE
 from jobs.exceptions import JobsError
 from jobs.models import (
     Accepted,
+    Control,
+    ControlAction,
     Event,
     Failed,
     FailureReason,
+    Heartbeat,
     Job,
     Output,
     Preview,
     Progress,
     Succeeded,
+    WorkerState,
 )
 from renderer.backends.base import Backend, RenderTask
 from renderer.exceptions import InvalidWorkflow, RenderError
@@ -57,6 +66,8 @@ log = structlog.get_logger(__name__)
 STORE_ATTEMPTS = 6
 #: Longest pause between two upload tries, and before a requeue.
 MAX_BACKOFF_SECONDS = 30.0
+#: Cancelled job ids a worker remembers, to skip them if they are delivered later.
+REMEMBERED_CANCELS = 10_000
 
 
 def backoff(attempt: int, base: float) -> float:
@@ -214,7 +225,11 @@ class Renderer:
 
 
 class Worker:
-    """Consumes the configured lanes and runs each job through a :class:`Renderer`."""
+    """Consumes the configured lanes and runs each job through a :class:`Renderer`.
+
+    It also listens on its control queue (cancel a job, here or when it arrives) and
+    publishes a heartbeat every ``RENDERER_HEARTBEAT_SECONDS``.
+    """
 
     def __init__(self, bus: JobBus, renderer: Renderer, settings: RendererSettings) -> None:
         self._bus = bus
@@ -222,8 +237,12 @@ class Worker:
         self._settings = settings
         self._subscriptions: list[Subscription] = []
         self._running: set[asyncio.Task[Any]] = set()
+        self._renders: dict[str, asyncio.Task[tuple[list[Output], dict[str, float]]]] = {}
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._state = WorkerState.IDLE
+        self._beating: asyncio.Task[None] | None = None
         self.completed = 0
 
     @property
@@ -231,9 +250,13 @@ class Worker:
         return self._settings.worker_id
 
     async def start(self) -> None:
-        self._subscriptions = await self._bus.consume_jobs(
-            self._settings.lanes, self._on_delivery, prefetch=self._settings.prefetch
-        )
+        self._subscriptions = [
+            await self._bus.consume_control(self.worker_id, self._on_control),
+            *await self._bus.consume_jobs(
+                self._settings.lanes, self._on_delivery, prefetch=self._settings.prefetch
+            ),
+        ]
+        self._beating = asyncio.create_task(self._heartbeats(), name=f"heartbeats:{self.worker_id}")
         log.info(
             "worker.started",
             worker_id=self.worker_id,
@@ -244,6 +267,7 @@ class Worker:
     async def stop(self, drain_seconds: float | None = None) -> None:
         """Take no new job; give running ones ``drain_seconds``, then hand them back."""
         drain = self._settings.drain_seconds if drain_seconds is None else drain_seconds
+        self._state = WorkerState.DRAINING
         for subscription in self._subscriptions:
             await subscription.cancel()
         self._subscriptions = []
@@ -254,19 +278,77 @@ class Worker:
             for task in list(self._running):
                 task.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)
+        self._state = WorkerState.STOPPED
+        if self._beating is not None:
+            self._beating.cancel()
+            await asyncio.gather(self._beating, return_exceptions=True)
+            self._beating = None
+            with suppress(JobsError):
+                await self._bus.heartbeat(self.heartbeat())
         log.info("worker.stopped", worker_id=self.worker_id, completed=self.completed)
+
+    def heartbeat(self) -> Heartbeat:
+        """This worker as the fleet registry should see it now."""
+        described = self._renderer.backend.describe()
+        models = described.get("models")
+        return Heartbeat(
+            worker_id=self.worker_id,
+            backend=self._renderer.backend.name,
+            lanes=list(self._settings.lanes),
+            state=self._state,
+            job_id=next(iter(self._renders), None),
+            device=None if described.get("device") is None else str(described["device"]),
+            vram_total=_int(described.get("vram_total")),
+            vram_free=_int(described.get("vram_free")),
+            models=[str(m) for m in models] if isinstance(models, list) else [],
+            healthy=bool(described.get("healthy", True)),
+            completed=self.completed,
+            interval=self._settings.heartbeat_seconds,
+        )
+
+    async def _heartbeats(self) -> None:
+        while True:
+            try:
+                await self._bus.heartbeat(self.heartbeat())
+            except JobsError as exc:
+                log.warning("worker.heartbeat_failed", error=str(exc))
+            await asyncio.sleep(self._settings.heartbeat_seconds)
+
+    async def _on_control(self, delivery: Delivery) -> None:
+        try:
+            message = Control.model_validate_json(delivery.body)
+        except ValidationError as exc:
+            log.warning("control.malformed", error=str(exc)[:300])
+        else:
+            if message.action is ControlAction.CANCEL and message.job_id:
+                self._remember_cancel(message.job_id)
+                render = self._renders.get(message.job_id)
+                if render is not None:
+                    log.info("job.cancelling", job_id=message.job_id, by=message.requested_by)
+                    render.cancel()
+        await delivery.ack()
+
+    def _remember_cancel(self, job_id: str) -> None:
+        self._cancelled[job_id] = None
+        self._cancelled.move_to_end(job_id)
+        while len(self._cancelled) > REMEMBERED_CANCELS:
+            self._cancelled.popitem(last=False)
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._running.add(task)
         self._idle.clear()
+        if self._state is WorkerState.IDLE:
+            self._state = WorkerState.BUSY
         try:
             await self._handle(delivery)
         finally:
             self._running.discard(task)
             if not self._running:
                 self._idle.set()
+                if self._state is WorkerState.BUSY:
+                    self._state = WorkerState.IDLE
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
@@ -281,19 +363,30 @@ class Worker:
             job_id=job.job_id, attempt=attempt, worker_id=self.worker_id
         )
         emitter = EventEmitter(self._bus, job, attempt, self.worker_id)
+        if job.job_id in self._cancelled:
+            await self._cancelled_job(delivery, emitter)
+            return
         reporter = JobReporter(emitter, PreviewThrottle(self._settings.preview_interval_seconds))
         started = time.perf_counter()
         queued = max(0.0, time.time() - job.created_at.timestamp())
         await emitter.emit(Accepted, gpu=str(self._renderer.backend.describe().get("device")))
         log.info("job.accepted", workflow=job.workflow, queued_seconds=round(queued, 3))
+        render = asyncio.create_task(self._renderer.render(job, attempt, reporter))
+        self._renders[job.job_id] = render
         try:
-            outputs, timings = await self._renderer.render(job, attempt, reporter)
+            outputs, timings = await render
         except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if job.job_id in self._cancelled and current is not None and not current.cancelling():
+                await self._cancelled_job(delivery, emitter)
+                return
             log.warning("job.retry", reason="worker stopping")
             raise
         except Exception as exc:  # noqa: BLE001 - classify() decides what any failure means
             await self._fail(delivery, emitter, exc, attempt=attempt, last=last)
             return
+        finally:
+            self._renders.pop(job.job_id, None)
         timings["queued"] = round(queued, 4)
         await emitter.emit(Succeeded, outputs=outputs, seed=job.seed, timings=timings)
         await delivery.ack()
@@ -307,10 +400,20 @@ class Worker:
             **timings,
         )
 
+    async def _cancelled_job(self, delivery: Delivery, emitter: EventEmitter) -> None:
+        """A cancelled job ends here: its ``failed`` is published and it is acked (nothing
+        to keep for a retry)."""
+        log.info("job.failed", reason=FailureReason.CANCELLED.value)
+        await emitter.emit(Failed, reason=FailureReason.CANCELLED, message=CANCELLED_MESSAGE)
+        await delivery.ack()
+
     async def _fail(
         self, delivery: Delivery, emitter: EventEmitter, exc: Exception, *, attempt: int, last: bool
     ) -> None:
         failure = classify(exc)
+        if failure.reason is FailureReason.CANCELLED:
+            await self._cancelled_job(delivery, emitter)
+            return
         if failure.transient and not last:
             delay = backoff(attempt, self._settings.retry_backoff_seconds)
             log.warning(
@@ -331,3 +434,10 @@ class Worker:
         )
         await emitter.emit(Failed, reason=failure.reason, message=failure.message)
         await delivery.dead_letter()
+
+
+def _int(value: object) -> int | None:
+    """An integer a backend described (VRAM bytes), or None when it has none."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value)

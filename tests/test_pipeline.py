@@ -270,3 +270,71 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.kill()
     process.wait(timeout=10)
+
+
+async def test_cancel_stops_a_running_job_and_it_ends_once(rig: Rig) -> None:
+    await rig.renderer(demo_step_seconds=0.2)
+    running = asyncio.Event()
+
+    async def listen(event: Event) -> None:
+        if isinstance(event, Progress):
+            running.set()
+
+    rig.front.tracker.add_listener(listen)
+    job_id = await rig.submit(steps=50, width=64, height=64)
+    async with asyncio.timeout(30):
+        await running.wait()
+
+    outcome = await rig.front.control.cancel(job_id, requested_by="tester")
+    result = await rig.front.tracker.wait(job_id, timeout=5)
+
+    assert outcome.value == "cancelled"
+    assert isinstance(result, Failed) and result.reason is FailureReason.CANCELLED
+    broker = await rig.brokers.connect(rig.topology, "inspector")
+    async with asyncio.timeout(10):  # the renderer stops rendering and acks the job
+        while (await heartbeat_of(rig, "w-test")).job_id is not None:
+            await asyncio.sleep(0.05)
+    assert await broker.depth(rig.topology.lane_queue("fast")) == 0
+    assert await broker.depth(rig.topology.dead_letter_queue) == 0
+    events = await rig.events(job_id)
+    assert [type(e) for e in events] == [Failed]
+
+
+async def test_a_cancelled_pending_job_is_skipped_when_delivered(rig: Rig) -> None:
+    """Cancelled while it waits in the queue behind another job: the renderer that takes
+    it later skips it without rendering."""
+    await rig.renderer(demo_step_seconds=0.05)
+    seen: list[Event] = []
+
+    async def listen(event: Event) -> None:
+        seen.append(event)
+
+    rig.front.tracker.add_listener(listen)
+    first = await rig.submit("first", steps=20, width=64, height=64)
+    waiting = await rig.submit("second", steps=5, width=64, height=64)
+
+    await rig.front.control.cancel(waiting)
+    assert isinstance(await rig.front.tracker.wait(first, timeout=30), Succeeded)
+    await asyncio.sleep(0.5)  # the renderer takes the cancelled job now
+
+    assert [type(e) for e in seen if e.job_id == waiting] == [Failed]
+    broker = await rig.brokers.connect(rig.topology, "inspector")
+    assert await broker.depth(rig.topology.lane_queue("fast")) == 0
+
+
+async def test_workers_are_known_by_their_heartbeats(rig: Rig) -> None:
+    await rig.renderer(worker_id="gpu-0", heartbeat_seconds=0.1)
+
+    beat = await heartbeat_of(rig, "gpu-0")
+
+    assert beat.backend == "demo" and beat.lanes == ["fast"]
+    assert beat.device == "cpu" and beat.state.value == "idle"
+
+
+async def heartbeat_of(rig: Rig, worker_id: str) -> Any:
+    async with asyncio.timeout(10):
+        while True:
+            for beat in rig.front.workers.workers():
+                if beat.worker_id == worker_id:
+                    return beat
+            await asyncio.sleep(0.05)

@@ -193,3 +193,22 @@ async def test_the_broker_giving_up_on_a_job_reaches_its_frontend_once(
     assert isinstance(result, Failed)
     assert result.reason is FailureReason.INTERNAL
     assert "3 attempts" in result.message
+
+
+async def test_frames_after_the_end_are_dropped(
+    tracker: JobTracker, bus: JobBus, ledger: Ledger
+) -> None:
+    job = await admitted(ledger)
+    seen: list[str] = []
+
+    async def listen(event: Event) -> None:
+        seen.append(event.type.value)
+
+    tracker.add_listener(listen)
+    await bus.emit(succeeded(job, 1, 3), FRONTEND)
+    await bus.emit(
+        Progress(job_id=job.job_id, attempt=2, worker_id="w", seq=9, step=1, total=2), FRONTEND
+    )
+    await asyncio.sleep(0.5)
+
+    assert seen == ["succeeded"]
