@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     imagine.add_argument("--width", type=int)
     imagine.add_argument("--height", type=int)
     imagine.add_argument("--count", type=int, help="images in this job (the batch)")
+    imagine.add_argument("--checkpoint", help="checkpoint file name, as the ComfyUI lists it")
     imagine.add_argument(
         "--out", type=Path, help="folder for the images (default: DATA_DIR/images)"
     )
@@ -85,6 +86,7 @@ async def _imagine(args: argparse.Namespace, settings: BrigadeSettings) -> int:
             width=args.width,
             height=args.height,
             count=args.count,
+            checkpoint=args.checkpoint,
         )
     except ValueError as exc:
         print(f"brigade: {exc}", file=sys.stderr)

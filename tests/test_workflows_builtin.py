@@ -72,7 +72,7 @@ def test_sd15(catalog: Catalog) -> None:
     assert params["negative"].max_length == 1000
     assert params["negative"].default == ""
     assert params["seed"].random
-    assert params["checkpoint"].choices == ["v1-5-pruned-emaonly.safetensors"]
+    assert params["checkpoint"].type == "string"
     assert params["checkpoint"].default == "v1-5-pruned-emaonly.safetensors"
     assert _bounds(template) == {
         "seed": ("int", 0, 2**53 - 1, None, None),
@@ -102,7 +102,7 @@ def test_sd15(catalog: Catalog) -> None:
 def test_sdxl(catalog: Catalog) -> None:
     template = catalog.get("sdxl-txt2img")
     params = template.manifest.params
-    assert params["checkpoint"].choices == ["sd_xl_base_1.0.safetensors"]
+    assert params["checkpoint"].default == "sd_xl_base_1.0.safetensors"
     bounds = _bounds(template)
     assert bounds["width"] == bounds["height"] == ("int", 512, 2048, 8, 1024)
     assert bounds["steps"] == ("int", 1, 150, None, 30)
@@ -114,7 +114,7 @@ def test_flux_schnell(catalog: Catalog) -> None:
     params = template.manifest.params
     assert "negative" not in params
     assert "cfg" not in params
-    assert params["checkpoint"].choices == ["flux1-schnell-fp8.safetensors"]
+    assert params["checkpoint"].default == "flux1-schnell-fp8.safetensors"
     bounds = _bounds(template)
     assert bounds["width"] == bounds["height"] == ("int", 256, 2048, 16, 1024)
     assert bounds["steps"] == ("int", 1, 8, None, 4)
@@ -162,5 +162,5 @@ def test_describe_is_json(catalog: Catalog) -> None:
     assert width["allowed"] == "64 to 1024, a multiple of 8"
     assert described["params"]["seed"]["default"] is None
     assert described["params"]["seed"]["random"] is True
-    assert described["params"]["checkpoint"]["choices"] == ["v1-5-pruned-emaonly.safetensors"]
+    assert described["params"]["checkpoint"]["max_length"] == 255
     assert described["backends"] == ["comfyui"]

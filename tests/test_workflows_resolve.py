@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -176,8 +179,31 @@ def test_lone_surrogate_is_rejected(sd15: Template) -> None:
     error.message.encode("utf-8")
 
 
-def test_unknown_checkpoint(sd15: Template) -> None:
-    error = _one(sd15, {"prompt": "p", "checkpoint": "x.safetensors"})
+def test_checkpoint_is_any_file_name_the_server_may_list(sd15: Template) -> None:
+    """The server knows its files; ComfyUI refuses one it lacks, naming the input."""
+    assert sd15.resolve({"prompt": "p", "checkpoint": "mine.safetensors"})["checkpoint"] == (
+        "mine.safetensors"
+    )
+    error = _one(sd15, {"prompt": "p", "checkpoint": "x" * 256})
+    assert error.field == "checkpoint"
+    assert "at most 255 characters" in error.message
+
+
+def test_a_value_outside_a_choice_list_names_the_choices(tmp_path: Path) -> None:
+    source = Catalog.load().get("sd15-txt2img").source.parent
+    manifest = json.loads((source / "sd15-txt2img.manifest.json").read_text())
+    manifest["params"]["checkpoint"] = {
+        "type": "choice",
+        "choices": ["v1-5-pruned-emaonly.safetensors"],
+        "default": "v1-5-pruned-emaonly.safetensors",
+        "bind": manifest["params"]["checkpoint"]["bind"],
+    }
+    (tmp_path / "sd15-txt2img.manifest.json").write_text(json.dumps(manifest))
+    shutil.copy(source / "sd15-txt2img.json", tmp_path)
+    template = Template.load(tmp_path / "sd15-txt2img.manifest.json")
+
+    error = _one(template, {"prompt": "p", "checkpoint": "x.safetensors"})
+
     assert error == FieldError(
         "checkpoint",
         'checkpoint: "x.safetensors" is not allowed (allowed: v1-5-pruned-emaonly.safetensors)',
@@ -185,7 +211,7 @@ def test_unknown_checkpoint(sd15: Template) -> None:
 
 
 def test_long_bad_values_are_truncated(sd15: Template) -> None:
-    error = _one(sd15, {"prompt": "p", "checkpoint": "z" * 5000})
+    error = _one(sd15, {"prompt": "p", "steps": "z" * 5000})
     assert len(error.message) < 120
     assert "…" in error.message
 
@@ -198,7 +224,7 @@ def test_missing_required(sd15: Template) -> None:
 
 
 def test_every_error_is_collected(sd15: Template) -> None:
-    errors = _errors(sd15, {"foo": 1, "width": 513, "steps": 500, "checkpoint": "x.safetensors"})
+    errors = _errors(sd15, {"foo": 1, "width": 513, "steps": 500, "checkpoint": "x" * 300})
     assert [e.field for e in errors] == ["foo", "prompt", "steps", "width", "checkpoint"]
     with pytest.raises(ParameterError) as caught:
         sd15.resolve({"foo": 1, "width": 513})
