@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.rabbitmq",
     "tests.fixtures.brokers",
     "tests.fixtures.s3server",
+    "tests.fixtures.comfyui",
 ]
