@@ -55,6 +55,21 @@ class ComfyUISettings(BaseSettings):
 
     #: ``http://127.0.0.1:8188``. When set, ``RENDERER_BACKEND=auto`` picks ``comfyui``.
     url: str | None = None
+    #: The WebSocket ``clientId`` and every prompt's ``client_id``. Unset: a fixed id
+    #: derived from ``RENDERER_WORKER_ID``, so a restarted worker gets its frames back.
+    client_id: str | None = None
+    #: Each TCP connect and WebSocket handshake may take this long.
+    connect_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    #: Each HTTP call (submit, history, one image's download, ...) may take this long.
+    request_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    #: Watchdog: no progress nor node change for this long, and the prompt is
+    #: interrupted and the job retried (a first model load must fit in it).
+    stall_seconds: float = Field(default=120.0, gt=0)
+    #: Longest pause between two WebSocket reconnection attempts (backoff doubles to it).
+    reconnect_max_seconds: float = Field(default=30.0, gt=0, le=600)
+    #: Previews ComfyUI draws, per prompt: ``auto`` (TAESD when installed, else
+    #: latent2rgb), ``latent2rgb`` (cheap), ``taesd`` (better), ``none``.
+    preview_method: Literal["auto", "latent2rgb", "taesd", "none"] = "auto"
 
 
 def choose_backend(renderer: RendererSettings, comfyui: ComfyUISettings) -> str:

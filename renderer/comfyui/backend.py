@@ -1,0 +1,218 @@
+"""The ``comfyui`` backend: renders bound workflows on a ComfyUI over HTTP and WebSocket.
+
+A job's id is its ComfyUI ``prompt_id``, so a redelivered job finds its earlier prompt
+(finished in the history, or still queued or running) instead of rendering twice.
+Progress frames become ``report.progress``; preview frames are downscaled and re-encoded
+in a worker thread and passed to ``report.preview`` (the worker throttles them).
+
+Out of memory: ``POST /free`` and one more try on this worker under the same prompt id
+(its failed history entry deleted first); a second OOM fails the job for good
+(:class:`~renderer.exceptions.OutOfMemoryExhausted`). Every other failure is classified
+by :mod:`renderer.comfyui.exceptions`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+import structlog
+
+from renderer.backends.base import RenderResult, RenderTask, Reporter
+from renderer.comfyui.client import ComfyUIClient, PreviewCallback, ProgressCallback, RunResult
+from renderer.comfyui.exceptions import OOM_MESSAGE, ComfyUIUnavailable
+from renderer.comfyui.frames import PreviewFrame
+from renderer.exceptions import OutOfMemory, OutOfMemoryExhausted, RenderError
+from renderer.previews import encode_preview
+from renderer.settings import ComfyUISettings, RendererSettings
+
+log = structlog.get_logger(__name__)
+
+#: Seconds between two ``/system_stats`` reads for heartbeats (VRAM free, health).
+STATS_INTERVAL_SECONDS = 15.0
+#: Namespace of the client ids derived from worker ids (any fixed UUID would do).
+CLIENT_ID_NAMESPACE = uuid.UUID("5b0f2f9e-8e0c-4c1e-9d6a-6f1c1e2b7a10")
+
+
+def default_client_id(worker_id: str) -> str:
+    """The fixed ``clientId`` of a worker: the same after a restart, distinct per worker."""
+    return uuid.uuid5(CLIENT_ID_NAMESPACE, worker_id).hex
+
+
+class ComfyUIBackend:
+    """Drives one ComfyUI. :meth:`render` starts the backend first if needed."""
+
+    name = "comfyui"
+
+    def __init__(self, settings: RendererSettings, comfyui: ComfyUISettings) -> None:
+        self._settings = settings
+        self._comfyui = comfyui
+        self._client_id = comfyui.client_id or default_client_id(settings.worker_id)
+        self._client: ComfyUIClient | None = None
+        self._stats: dict[str, Any] = {}
+        self._healthy = False
+        self._monitor: asyncio.Task[None] | None = None
+
+    @property
+    def client(self) -> ComfyUIClient:
+        """The client to this ComfyUI (created on first use)."""
+        if self._client is None:
+            if not self._comfyui.url:
+                raise ComfyUIUnavailable("COMFYUI_URL is not set")
+            try:
+                self._client = ComfyUIClient(
+                    self._comfyui.url,
+                    self._client_id,
+                    connect_timeout=self._comfyui.connect_timeout_seconds,
+                    request_timeout=self._comfyui.request_timeout_seconds,
+                    reconnect_max_seconds=self._comfyui.reconnect_max_seconds,
+                )
+            except ValueError as exc:
+                raise ComfyUIUnavailable(f"COMFYUI_URL is not usable: {exc}") from exc
+        return self._client
+
+    async def start(self) -> None:
+        """Open the WebSocket and read ``/system_stats``; raise ``BackendUnavailable`` when
+        ComfyUI does not answer (everything opened so far is closed again)."""
+        if self._monitor is not None:
+            return  # started: the client reconnects by itself
+        try:
+            await self.client.connect()
+            await self._refresh()
+        except BaseException:
+            await self.close()
+            raise
+        if self._monitor is None:
+            self._monitor = asyncio.create_task(self._watch(), name="comfyui-stats")
+        device = self.describe()
+        log.info(
+            "comfyui.started",
+            url=self.client.url,
+            client_id=self._client_id,
+            device=device.get("device"),
+            version=_field(self._stats.get("system"), "comfyui_version"),
+        )
+
+    async def close(self) -> None:
+        """Stop the stats task and close the client. Safe to call twice."""
+        monitor, client = self._monitor, self._client
+        self._monitor, self._client = None, None
+        self._healthy = False
+        if monitor is not None:
+            monitor.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
+        if client is not None:
+            await client.close()
+
+    def describe(self) -> dict[str, Any]:
+        """The device, its VRAM and whether ComfyUI answered, from the last ``/system_stats``."""
+        devices = self._stats.get("devices")
+        device = devices[0] if isinstance(devices, list) and devices else None
+        return {
+            "backend": self.name,
+            "url": self._comfyui.url,
+            "device": _field(device, "name"),
+            "vram_total": _field(device, "vram_total"),
+            "vram_free": _field(device, "vram_free"),
+            "healthy": self._healthy and self._client is not None and self._client.connected,
+        }
+
+    async def render(self, task: RenderTask, report: Reporter) -> RenderResult:
+        """Render ``task.graph`` as prompt ``task.job_id``: PNG images in output order.
+
+        Raises the classified errors of :mod:`renderer.comfyui.exceptions`, and
+        ``OutOfMemoryExhausted`` after a second OOM. On cancellation the prompt is
+        stopped in ComfyUI before the cancellation goes on.
+        """
+        await self.start()
+        client = self.client
+
+        async def attempt(reuse: bool) -> RunResult:
+            return await client.run(
+                task.job_id,
+                task.graph,
+                extra_data={"preview_method": self._comfyui.preview_method},
+                on_progress=self._progress(report),
+                on_preview=self._preview(report),
+                stall_seconds=self._comfyui.stall_seconds,
+                reuse=reuse,
+            )
+
+        try:
+            # A first delivery's job id is new to ComfyUI: no need to look for it there.
+            result = await attempt(reuse=task.attempt > 1)
+        except OutOfMemory as first:
+            log.warning("comfyui.oom_retry", job_id=task.job_id, error=str(first))
+            await client.free(unload_models=True, free_memory=True)
+            await client.delete_history([task.job_id])
+            try:
+                result = await attempt(reuse=False)
+            except OutOfMemory as second:
+                raise OutOfMemoryExhausted(OOM_MESSAGE, detail=str(second)) from second
+        log.info(
+            "comfyui.rendered",
+            job_id=task.job_id,
+            attempt=task.attempt,
+            images=len(result.images),
+            reused=result.reused,
+            **result.timings,
+        )
+        return RenderResult(images=result.images, timings=dict(result.timings))
+
+    async def cancel(self, prompt_id: str) -> bool:
+        """Cancel ``prompt_id``: deleted from ComfyUI's queue when pending, interrupted (by
+        its id) when running; its render then ends with ``RenderCancelled``. Returns
+        whether there was anything to cancel."""
+        if self._client is None:
+            return False
+        return await self._client.cancel(prompt_id)
+
+    @staticmethod
+    def _progress(report: Reporter) -> ProgressCallback:
+        async def progress(step: int, total: int, node: str | None) -> None:
+            await report.progress(step, total, node)
+
+        return progress
+
+    def _preview(self, report: Reporter) -> PreviewCallback:
+        max_side = self._settings.preview_max_side
+
+        async def preview(frame: PreviewFrame, step: int | None) -> None:
+            try:
+                image, mime = await asyncio.to_thread(encode_preview, frame.image, max_side)
+            except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+                log.debug("comfyui.bad_preview", error=str(exc))
+                return
+            await report.preview(image, mime, step)
+
+        return preview
+
+    async def _refresh(self) -> None:
+        try:
+            self._stats = await self.client.system_stats()
+        except RenderError:
+            self._healthy = False
+            raise
+        self._healthy = True
+
+    async def _watch(self) -> None:
+        """Keep the stats fresh for heartbeats, and the WebSocket up while idle (its reader
+        gives up after a while; this starts it again). Failures only mark it unhealthy."""
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_SECONDS)
+            with contextlib.suppress(RenderError):
+                await self._refresh()
+                if not self.client.connected:
+                    await self.client.connect()
+
+
+def _field(mapping: object, key: str) -> Any:
+    return mapping.get(key) if isinstance(mapping, dict) else None
+
+
+def create(settings: RendererSettings) -> ComfyUIBackend:
+    """The ``brigade.backends`` entry point: a ComfyUI backend at ``COMFYUI_URL``, not
+    yet started."""
+    return ComfyUIBackend(settings, ComfyUISettings())
