@@ -30,6 +30,7 @@ from jobs.settings import AmqpSettings, LedgerSettings
 from jobs.tracker import JobTracker
 from renderer.backends import load_backend
 from renderer.backends.base import Backend
+from renderer.exceptions import BackendUnavailable
 from renderer.settings import ComfyUISettings, RendererSettings, choose_backend
 from renderer.worker import Renderer, Worker
 from storage import LocalStore, LocalStoreSettings, ObjectStore, S3Settings, S3Store
@@ -96,9 +97,21 @@ async def frontend(
     return Frontend(admission, tracker, ledger, catalog, control, workers)
 
 
-async def start_backend(stack: AsyncExitStack, renderer: RendererSettings) -> Backend:
-    backend = load_backend(choose_backend(renderer, ComfyUISettings()), renderer)
-    await backend.start()
+async def start_backend(
+    stack: AsyncExitStack, renderer: RendererSettings, *, fall_back: bool = False
+) -> Backend:
+    """Start the configured backend. With ``fall_back`` (the embedded mode) and
+    ``RENDERER_BACKEND=auto``, a ComfyUI that does not answer means the demo backend."""
+    name = choose_backend(renderer, ComfyUISettings())
+    backend = load_backend(name, renderer)
+    try:
+        await backend.start()
+    except BackendUnavailable as exc:
+        if not (fall_back and renderer.backend == "auto" and name != "demo"):
+            raise
+        log.warning("backend.fallback", wanted=name, using="demo", error=exc.user_message)
+        backend = load_backend("demo", renderer)
+        await backend.start()
     stack.push_async_callback(backend.close)
     return backend
 
@@ -138,7 +151,7 @@ async def embedded(
         store = LocalStore(images_dir or LocalStoreSettings(data_dir=settings.data_dir).root)
         await store.start()
         stack.push_async_callback(store.close)
-        backend = await start_backend(stack, renderer)
+        backend = await start_backend(stack, renderer, fall_back=True)
         ledger_path = LedgerSettings(data_dir=settings.data_dir).ledger_path
         front = await frontend(
             stack, front_bus, catalog, ledger_path, settings.frontend_id, backends=[backend.name]

@@ -92,6 +92,7 @@ async def _imagine(args: argparse.Namespace, settings: BrigadeSettings) -> int:
         print(f"brigade: {exc}", file=sys.stderr)
         return EXIT_INVALID
     from renderer.backends import UnknownBackend
+    from renderer.exceptions import BackendUnavailable
     from renderer.settings import RendererSettings
 
     bar = ProgressBar(sys.stderr)
@@ -102,6 +103,9 @@ async def _imagine(args: argparse.Namespace, settings: BrigadeSettings) -> int:
     except UnknownBackend as exc:
         print(f"brigade: {exc}. Unset COMFYUI_URL or set RENDERER_BACKEND=demo.", file=sys.stderr)
         return EXIT_INVALID
+    except BackendUnavailable as exc:
+        print(f"brigade: the renderer backend did not start: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 async def _run_one(

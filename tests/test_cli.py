@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,22 +15,26 @@ from PIL import Image
 
 from renderer.backends import UnknownBackend, available_backends, load_backend
 from renderer.settings import RendererSettings
+from tests.emulators.comfyui import ComfyUIEmulator
 
 
-def brigade(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
+def brigade(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environment = {
         **os.environ,
         "BRIGADE_DATA_DIR": str(tmp_path / "data"),
         "RENDERER_DEMO_STEP_SECONDS": "0",
         "RENDERER_DEVICE": "cpu",
     }
-    env.pop("COMFYUI_URL", None)
-    env.pop("AMQP_URL", None)
+    environment.pop("COMFYUI_URL", None)
+    environment.pop("AMQP_URL", None)
+    environment.update(env or {})
     tmp_path.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
         [sys.executable, "-m", "brigade.cli", *args],
         cwd=tmp_path,
-        env=env,
+        env=environment,
         capture_output=True,
         text=True,
         timeout=120,
@@ -128,3 +134,94 @@ def test_backends_come_from_entry_points() -> None:
     assert backend.name == "demo"
     with pytest.raises(UnknownBackend, match=r"installed: .*demo"):
         load_backend("comfyui-next", RendererSettings(_env_file=None))
+
+
+async def test_imagine_renders_through_comfyui_when_comfyui_url_is_set(
+    tmp_path: Path, comfyui: ComfyUIEmulator
+) -> None:
+    done = await asyncio.to_thread(
+        brigade,
+        tmp_path,
+        "imagine",
+        "a lighthouse at dusk",
+        "--workflow",
+        "sd15-txt2img",
+        "--checkpoint",
+        "tiny_sd15_random.safetensors",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "96",
+        env={"COMFYUI_URL": comfyui.url},
+    )
+
+    assert done.returncode == 0, done.stderr
+    with Image.open(done.stdout.strip().splitlines()[-1]) as image:
+        assert image.size == (64, 96)
+        assert image.info["prompt"] == "a lighthouse at dusk"
+    assert len(comfyui.executed) == 1
+    (body,) = comfyui.submitted
+    assert body["prompt"]["4"]["inputs"]["ckpt_name"] == "tiny_sd15_random.safetensors"
+
+
+async def test_imagine_names_a_checkpoint_comfyui_lacks(
+    tmp_path: Path, comfyui: ComfyUIEmulator
+) -> None:
+    done = await asyncio.to_thread(
+        brigade,
+        tmp_path,
+        "imagine",
+        "x",
+        "--workflow",
+        "sd15-txt2img",
+        "--checkpoint",
+        "nope.ckpt",
+        env={"COMFYUI_URL": comfyui.url},
+    )
+
+    assert done.returncode == 1
+    assert 'ckpt_name "nope.ckpt" is not in the list' in done.stderr
+
+
+def test_imagine_falls_back_to_the_demo_when_comfyui_does_not_answer(tmp_path: Path) -> None:
+    """The embedded default: ComfyUI at COMFYUI_URL when one answers, else the demo."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        silent = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, never listening
+        done = brigade(
+            tmp_path,
+            "imagine",
+            "x",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            env={"COMFYUI_URL": silent, "COMFYUI_CONNECT_TIMEOUT_SECONDS": "1"},
+        )
+
+    assert done.returncode == 0, done.stderr
+    assert "backend.fallback" in done.stderr
+    assert Path(done.stdout.strip().splitlines()[-1]).is_file()
+
+
+def test_imagine_with_comfyui_required_but_down_says_so(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        done = brigade(
+            tmp_path,
+            "imagine",
+            "x",
+            env={
+                "COMFYUI_URL": f"http://127.0.0.1:{sock.getsockname()[1]}",
+                "COMFYUI_CONNECT_TIMEOUT_SECONDS": "1",
+                "RENDERER_BACKEND": "comfyui",
+            },
+        )
+
+    assert done.returncode == 1
+    assert "brigade: the renderer backend did not start" in done.stderr
+    assert "Traceback" not in done.stderr
