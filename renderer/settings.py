@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import shlex
 import socket
+import sys
+from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from jobs.settings import split_csv
+from renderer.comfyui.supervisor import SupervisorConfig
 
 
 def _default_worker_id() -> str:
@@ -71,9 +76,64 @@ class ComfyUISettings(BaseSettings):
     #: latent2rgb), ``latent2rgb`` (cheap), ``taesd`` (better), ``none``.
     preview_method: Literal["auto", "latent2rgb", "taesd", "none"] = "auto"
 
+    # -- running ComfyUI ourselves (the supervisor), when COMFYUI_PATH is set ----------
+    #: Folder of ComfyUI's ``main.py``: the renderer starts and supervises it there,
+    #: listening where ``COMFYUI_URL`` points (default ``http://127.0.0.1:8188``).
+    path: Path | None = None
+    #: The Python that runs ComfyUI (its own virtualenv, usually).
+    python: str = Field(default_factory=lambda: sys.executable)
+    #: Extra ComfyUI arguments, space-separated (``--lowvram --preview-method taesd``).
+    args: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: ``CUDA_VISIBLE_DEVICES`` for this ComfyUI: one GPU per renderer.
+    gpu: str | None = None
+    #: How long ComfyUI may take to answer after it starts (model folders, custom nodes).
+    start_timeout_seconds: float = Field(default=180.0, gt=0)
+    #: Seconds between two health checks (``/system_stats``), and how many failed checks
+    #: in a row mean it hangs (it is then killed and started again).
+    health_interval_seconds: float = Field(default=10.0, gt=0)
+    health_failures: int = Field(default=3, ge=1)
+    #: OOM or CUDA faults in a row that restart ComfyUI (a success resets the count).
+    max_faults: int = Field(default=3, ge=1)
+
+    @field_validator("args", mode="before")
+    @classmethod
+    def _split_args(cls, value: object) -> object:
+        return shlex.split(value) if isinstance(value, str) else value
+
+    @property
+    def effective_url(self) -> str | None:
+        """``COMFYUI_URL``, or where a supervised ComfyUI listens by default."""
+        if self.url:
+            return self.url
+        return DEFAULT_SUPERVISED_URL if self.path is not None else None
+
+    def supervisor_config(self) -> SupervisorConfig | None:
+        """How to run ComfyUI here, or None when ``COMFYUI_PATH`` is not set."""
+        if self.path is None:
+            return None
+        url = urlsplit(self.effective_url or DEFAULT_SUPERVISED_URL)
+        return SupervisorConfig(
+            path=self.path,
+            host=url.hostname or "127.0.0.1",
+            port=url.port or 8188,
+            python=self.python,
+            extra_args=tuple(self.args),
+            gpu=self.gpu,
+            start_timeout=self.start_timeout_seconds,
+            health_interval=self.health_interval_seconds,
+            health_timeout=min(self.request_timeout_seconds, self.health_interval_seconds),
+            health_failures=self.health_failures,
+            max_faults=self.max_faults,
+        )
+
+
+#: Where a ComfyUI we start listens when COMFYUI_URL does not say.
+DEFAULT_SUPERVISED_URL = "http://127.0.0.1:8188"
+
 
 def choose_backend(renderer: RendererSettings, comfyui: ComfyUISettings) -> str:
-    """The backend name ``RENDERER_BACKEND`` means: ``auto`` follows ``COMFYUI_URL``."""
+    """The backend name ``RENDERER_BACKEND`` means: ``auto`` follows ``COMFYUI_URL`` (or
+    ``COMFYUI_PATH``, a ComfyUI this renderer runs itself)."""
     if renderer.backend != "auto":
         return renderer.backend
-    return "comfyui" if comfyui.url else "demo"
+    return "comfyui" if comfyui.effective_url else "demo"

@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.brokers",
     "tests.fixtures.s3server",
     "tests.fixtures.comfyui",
+    "tests.fixtures.pipeline",
 ]

@@ -5,13 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,91 +13,21 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from brigade.app import Frontend, frontend, start_worker
-from jobs.broker import Broker
-from jobs.bus import JobBus
 from jobs.models import (
     Accepted,
     Event,
     Failed,
     FailureReason,
-    JobRequest,
-    Origin,
     Preview,
     Progress,
     Succeeded,
 )
-from jobs.topology import Topology
 from renderer.backends.base import RenderResult, RenderTask, Reporter
-from renderer.backends.demo import create as create_demo
 from renderer.exceptions import BackendUnavailable
-from renderer.settings import RendererSettings
-from storage import ObjectStore
 from storage.settings import S3Settings
-from tests.fixtures.brokers import BrokerFactory
-from tests.fixtures.s3server import S3StoreFactory
-from workflows import Catalog
+from tests.fixtures.pipeline import Rig, start_renderer_process, stop_process
 
-FRONTEND = "front-test"
 pytestmark = pytest.mark.s3
-
-
-def renderer_settings(**overrides: Any) -> RendererSettings:
-    fields: dict[str, Any] = {
-        "worker_id": "w-test",
-        "demo_step_seconds": 0.0,
-        "preview_interval_seconds": 0.0,
-        "retry_backoff_seconds": 0.0,
-        "drain_seconds": 5.0,
-        "device": "cpu",
-        **overrides,
-    }
-    return RendererSettings(_env_file=None, **fields)
-
-
-@dataclass
-class Rig:
-    """A frontend and the means to start renderers, on one broker and one bucket."""
-
-    brokers: BrokerFactory
-    topology: Topology
-    front: Frontend
-    store: ObjectStore
-    stack: AsyncExitStack
-    catalog: Catalog
-
-    async def renderer(self, backend: Any = None, **settings: Any) -> None:
-        config = renderer_settings(**settings)
-        backend = backend or create_demo(config)
-        await backend.start()
-        self.stack.push_async_callback(backend.close)
-        broker = await self.brokers.connect(self.topology, f"renderer-{config.worker_id}")
-        await start_worker(self.stack, JobBus(broker), backend, self.store, self.catalog, config)
-
-    async def submit(self, key: str = "k", **fields: Any) -> str:
-        request = JobRequest(workflow="demo", **{"prompt": "a lighthouse at dusk", **fields})
-        admitted = await self.front.admission.submit(
-            request, idempotency_key=key, origin=Origin(frontend="cli", reply_to=FRONTEND)
-        )
-        return admitted.job.job_id
-
-    async def events(self, job_id: str, timeout: float = 30) -> list[Event]:
-        async with asyncio.timeout(timeout), self.front.tracker.watch(job_id) as watch:
-            return [event async for event in watch]
-
-
-@pytest.fixture
-async def rig(
-    brokers: BrokerFactory, test_prefix: str, tmp_path: Path, s3_store_factory: S3StoreFactory
-) -> AsyncIterator[Rig]:
-    topology = brokers.topology(test_prefix, delivery_limit=2, frontends=(FRONTEND,))
-    broker: Broker = await brokers.connect(topology, "frontend")
-    await broker.declare()
-    store = await s3_store_factory()
-    catalog = Catalog.load()
-    async with AsyncExitStack() as stack:
-        front = await frontend(stack, JobBus(broker), catalog, tmp_path / "ledger.db", FRONTEND)
-        yield Rig(brokers, topology, front, store, stack, catalog)
 
 
 async def test_a_job_renders_and_lands_in_the_bucket(rig: Rig) -> None:
@@ -232,44 +156,6 @@ async def test_sigterm_lets_the_current_job_finish(
 
     assert isinstance(result, Succeeded) and result.worker_id == "draining"
     assert code == 0
-
-
-def start_renderer_process(
-    rig: Rig, amqp_url: str, s3: S3Settings, tmp_path: Path, worker_id: str
-) -> subprocess.Popen[bytes]:
-    assert s3.access_key_id is not None and s3.secret_access_key is not None
-    env = {
-        **os.environ,
-        "AMQP_URL": amqp_url,
-        "AMQP_PREFIX": rig.topology.prefix,
-        "AMQP_DELIVERY_LIMIT": str(rig.topology.delivery_limit),
-        "S3_ENDPOINT_URL": str(s3.endpoint_url),
-        "S3_BUCKET": s3.bucket,
-        "S3_REGION": s3.region,
-        "S3_ACCESS_KEY_ID": s3.access_key_id.get_secret_value(),
-        "S3_SECRET_ACCESS_KEY": s3.secret_access_key.get_secret_value(),
-        "S3_PREFIX": "killed",
-        "RENDERER_WORKER_ID": worker_id,
-        "RENDERER_DEMO_STEP_SECONDS": "0.2",
-        "RENDERER_DEVICE": "cpu",
-        "RENDERER_DRAIN_SECONDS": "30",
-        "BRIGADE_DATA_DIR": str(tmp_path / worker_id),
-        "BRIGADE_LOG_FORMAT": "json",
-    }
-    with (tmp_path / f"{worker_id}.log").open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "brigade.cli", "renderer"],
-            env=env,
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.wait(timeout=10)
 
 
 async def test_cancel_stops_a_running_job_and_it_ends_once(rig: Rig) -> None:

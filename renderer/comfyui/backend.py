@@ -22,9 +22,15 @@ import structlog
 
 from renderer.backends.base import RenderResult, RenderTask, Reporter
 from renderer.comfyui.client import ComfyUIClient, PreviewCallback, ProgressCallback, RunResult
-from renderer.comfyui.exceptions import OOM_MESSAGE, ComfyUIUnavailable
+from renderer.comfyui.exceptions import OOM_MESSAGE, ComfyUIUnavailable, ExecutionGlitch
 from renderer.comfyui.frames import PreviewFrame
-from renderer.exceptions import OutOfMemory, OutOfMemoryExhausted, RenderError
+from renderer.comfyui.supervisor import ComfyUIDidNotStart, ComfyUISupervisor
+from renderer.exceptions import (
+    BackendUnavailable,
+    OutOfMemory,
+    OutOfMemoryExhausted,
+    RenderError,
+)
 from renderer.previews import encode_preview
 from renderer.settings import ComfyUISettings, RendererSettings
 
@@ -46,9 +52,15 @@ class ComfyUIBackend:
 
     name = "comfyui"
 
-    def __init__(self, settings: RendererSettings, comfyui: ComfyUISettings) -> None:
+    def __init__(
+        self,
+        settings: RendererSettings,
+        comfyui: ComfyUISettings,
+        supervisor: ComfyUISupervisor | None = None,
+    ) -> None:
         self._settings = settings
         self._comfyui = comfyui
+        self._supervisor = supervisor
         self._client_id = comfyui.client_id or default_client_id(settings.worker_id)
         self._client: ComfyUIClient | None = None
         self._stats: dict[str, Any] = {}
@@ -79,6 +91,11 @@ class ComfyUIBackend:
         if self._monitor is not None:
             return  # started: the client reconnects by itself
         try:
+            if self._supervisor is not None and self._supervisor.pid is None:
+                try:
+                    await self._supervisor.start()
+                except ComfyUIDidNotStart as exc:
+                    raise ComfyUIUnavailable(str(exc)) from exc
             await self.client.connect()
             await self._refresh()
         except BaseException:
@@ -105,6 +122,8 @@ class ComfyUIBackend:
             await asyncio.gather(monitor, return_exceptions=True)
         if client is not None:
             await client.close()
+        if self._supervisor is not None:
+            await self._supervisor.stop()
 
     def describe(self) -> dict[str, Any]:
         """The device, its VRAM and whether ComfyUI answered, from the last ``/system_stats``."""
@@ -116,7 +135,11 @@ class ComfyUIBackend:
             "device": _field(device, "name"),
             "vram_total": _field(device, "vram_total"),
             "vram_free": _field(device, "vram_free"),
-            "healthy": self._healthy and self._client is not None and self._client.connected,
+            "healthy": self._healthy
+            and self._client is not None
+            and self._client.connected
+            and (self._supervisor is None or self._supervisor.healthy),
+            "restarts": self._supervisor.restarts if self._supervisor is not None else 0,
         }
 
     async def render(self, task: RenderTask, report: Reporter) -> RenderResult:
@@ -141,16 +164,27 @@ class ComfyUIBackend:
             )
 
         try:
-            # A first delivery's job id is new to ComfyUI: no need to look for it there.
-            result = await attempt(reuse=task.attempt > 1)
-        except OutOfMemory as first:
-            log.warning("comfyui.oom_retry", job_id=task.job_id, error=str(first))
-            await client.free(unload_models=True, free_memory=True)
-            await client.delete_history([task.job_id])
             try:
-                result = await attempt(reuse=False)
-            except OutOfMemory as second:
-                raise OutOfMemoryExhausted(OOM_MESSAGE, detail=str(second)) from second
+                # A first delivery's job id is new to ComfyUI: no need to look for it there.
+                result = await attempt(reuse=task.attempt > 1)
+            except OutOfMemory as first:
+                self._fault()
+                log.warning("comfyui.oom_retry", job_id=task.job_id, error=str(first))
+                await client.free(unload_models=True, free_memory=True)
+                await client.delete_history([task.job_id])
+                try:
+                    result = await attempt(reuse=False)
+                except OutOfMemory as second:
+                    self._fault()
+                    raise OutOfMemoryExhausted(OOM_MESSAGE, detail=str(second)) from second
+        except ExecutionGlitch:
+            self._fault()
+            raise
+        except BackendUnavailable:
+            await self._await_restart()
+            raise
+        if self._supervisor is not None:
+            self._supervisor.record_success()
         log.info(
             "comfyui.rendered",
             job_id=task.job_id,
@@ -160,6 +194,21 @@ class ComfyUIBackend:
             **result.timings,
         )
         return RenderResult(images=result.images, timings=dict(result.timings))
+
+    def _fault(self) -> None:
+        """An OOM or a CUDA fault: enough of them in a row restart a supervised ComfyUI."""
+        if self._supervisor is not None:
+            self._supervisor.record_fault()
+
+    async def _await_restart(self) -> None:
+        """ComfyUI went away. If we run it, give the supervisor time to bring it back, so
+        the job's next attempt (likely on this worker) finds it answering."""
+        if self._supervisor is None:
+            return
+        back = await self._supervisor.wait_healthy(self._comfyui.start_timeout_seconds)
+        log.info(
+            "comfyui.back" if back else "comfyui.still_down", restarts=self._supervisor.restarts
+        )
 
     async def cancel(self, prompt_id: str) -> bool:
         """Cancel ``prompt_id``: deleted from ComfyUI's queue when pending, interrupted (by
@@ -214,5 +263,8 @@ def _field(mapping: object, key: str) -> Any:
 
 def create(settings: RendererSettings) -> ComfyUIBackend:
     """The ``brigade.backends`` entry point: a ComfyUI backend at ``COMFYUI_URL``, not
-    yet started."""
-    return ComfyUIBackend(settings, ComfyUISettings())
+    yet started; with ``COMFYUI_PATH``, one that runs and supervises its ComfyUI."""
+    comfyui = ComfyUISettings()
+    config = comfyui.supervisor_config()
+    supervisor = ComfyUISupervisor(config) if config is not None else None
+    return ComfyUIBackend(settings, comfyui, supervisor)
