@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     workflow_commands = workflows.add_subparsers(dest="workflows_command", required=True)
     listing = workflow_commands.add_parser("list", help="list templates and their parameters")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    check = workflow_commands.add_parser(
+        "check", help="check every template, and against a ComfyUI's /object_info when given"
+    )
+    check.add_argument("--comfyui-url", help="a ComfyUI to check against (default: COMFYUI_URL)")
+    check.add_argument("--checkpoint", help="check with this checkpoint instead of the defaults")
     return parser
 
 
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "renderer":
         return asyncio.run(_renderer())
+    if args.workflows_command == "check":
+        return asyncio.run(_workflows_check(settings, args.comfyui_url, args.checkpoint))
     return _workflows_list(settings, as_json=args.json)
 
 
@@ -219,6 +226,49 @@ def _workflows_list(settings: BrigadeSettings, *, as_json: bool) -> int:
         for name, param in manifest.params.items():
             print(f"    {name:<11} {_summary(param)}")
     return 0
+
+
+async def _workflows_check(
+    settings: BrigadeSettings, url: str | None, checkpoint: str | None
+) -> int:
+    """Load every template; with a ComfyUI, check each against its ``/object_info``."""
+    from renderer.comfyui.client import ComfyUIClient
+    from renderer.exceptions import RenderError
+    from renderer.settings import ComfyUISettings
+    from workflows import Catalog, WorkflowError
+    from workflows.compat import check_template, default_params
+
+    try:
+        catalog = Catalog.load(settings.workflows_dirs)
+    except WorkflowError as exc:
+        print(f"brigade: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    url = url or ComfyUISettings().effective_url
+    if url is None:
+        print(f"{len(catalog)} templates load and validate: {', '.join(catalog.names())}")
+        print("(give --comfyui-url or set COMFYUI_URL to check them against a server)")
+        return 0
+    client = ComfyUIClient(url, "brigade-workflows-check")
+    try:
+        object_info = await client.object_info()
+    except RenderError as exc:
+        print(f"brigade: cannot read {url}/object_info: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        await client.close()
+    failed = 0
+    for template in catalog:
+        if "comfyui" not in template.manifest.backends:
+            continue
+        params = default_params(template)
+        if checkpoint is not None and "checkpoint" in params:
+            params = template.resolve({**params, "checkpoint": checkpoint})
+        problems = check_template(template, object_info, params)
+        failed += bool(problems)
+        print(f"{template.name}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+        for problem in problems:
+            print(f"    {problem}")
+    return EXIT_FAILED if failed else 0
 
 
 def _summary(param: Any) -> str:

@@ -225,3 +225,27 @@ def test_imagine_with_comfyui_required_but_down_says_so(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "brigade: the renderer backend did not start" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_workflows_check_against_a_comfyui(tmp_path: Path, comfyui: ComfyUIEmulator) -> None:
+    fits = await asyncio.to_thread(
+        brigade, tmp_path, "workflows", "check", "--comfyui-url", comfyui.url
+    )
+    comfyui.checkpoints = ["tiny_sd15_random.safetensors"]
+    lacks = await asyncio.to_thread(
+        brigade, tmp_path, "workflows", "check", "--comfyui-url", comfyui.url
+    )
+
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+    assert "sd15-txt2img: ok" in fits.stdout and "demo: ok" in fits.stdout
+    assert lacks.returncode == 1
+    assert "sd15-txt2img: 1 problem(s)" in lacks.stdout
+    assert '"v1-5-pruned-emaonly.safetensors" is not on the server' in lacks.stdout
+    assert "tiny_sd15_random.safetensors" in lacks.stdout
+
+
+def test_workflows_check_without_a_server_loads_every_template(tmp_path: Path) -> None:
+    done = brigade(tmp_path, "workflows", "check")
+
+    assert done.returncode == 0, done.stderr
+    assert "4 templates load and validate" in done.stdout
