@@ -260,3 +260,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def test_heartbeats_carry_the_gpu_and_the_models_last_used(
+    rig: Rig, comfyui: ComfyUIEmulator
+) -> None:
+    await comfy_renderer(rig, comfyui.url, worker_id="gpu-3", heartbeat_seconds=0.1)
+    result = await rig.front.tracker.wait(await submit(rig), timeout=30)
+    assert isinstance(result, Succeeded)
+
+    async with asyncio.timeout(10):
+        while not (beats := [b for b in rig.front.workers.workers() if b.models]):
+            await asyncio.sleep(0.05)
+
+    (beat,) = beats
+    assert beat.worker_id == "gpu-3" and beat.backend == "comfyui"
+    assert beat.device is not None and beat.vram_total == 24 * 2**30
+    assert beat.models == [CHECKPOINT]
+    assert beat.healthy

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -38,6 +39,8 @@ log = structlog.get_logger(__name__)
 
 #: Seconds between two ``/system_stats`` reads for heartbeats (VRAM free, health).
 STATS_INTERVAL_SECONDS = 15.0
+#: Model files a heartbeat lists as probably loaded (a GPU holds a few at most).
+REMEMBERED_MODELS = 4
 #: Namespace of the client ids derived from worker ids (any fixed UUID would do).
 CLIENT_ID_NAMESPACE = uuid.UUID("5b0f2f9e-8e0c-4c1e-9d6a-6f1c1e2b7a10")
 
@@ -61,6 +64,9 @@ class ComfyUIBackend:
         self._settings = settings
         self._comfyui = comfyui
         self._supervisor = supervisor
+        #: Model files of the last prompts that ran here, most recent last: what is most
+        #: likely loaded (ComfyUI does not list its loaded models).
+        self._models: dict[str, None] = {}
         self._client_id = comfyui.client_id or default_client_id(settings.worker_id)
         self._client: ComfyUIClient | None = None
         self._stats: dict[str, Any] = {}
@@ -140,6 +146,7 @@ class ComfyUIBackend:
             and self._client.connected
             and (self._supervisor is None or self._supervisor.healthy),
             "restarts": self._supervisor.restarts if self._supervisor is not None else 0,
+            "models": list(reversed(self._models)),
         }
 
     async def render(self, task: RenderTask, report: Reporter) -> RenderResult:
@@ -171,6 +178,7 @@ class ComfyUIBackend:
                 self._fault()
                 log.warning("comfyui.oom_retry", job_id=task.job_id, error=str(first))
                 await client.free(unload_models=True, free_memory=True)
+                self._models.clear()
                 await client.delete_history([task.job_id])
                 try:
                     result = await attempt(reuse=False)
@@ -185,6 +193,7 @@ class ComfyUIBackend:
             raise
         if self._supervisor is not None:
             self._supervisor.record_success()
+        self._remember_models(task.graph)
         log.info(
             "comfyui.rendered",
             job_id=task.job_id,
@@ -194,6 +203,17 @@ class ComfyUIBackend:
             **result.timings,
         )
         return RenderResult(images=result.images, timings=dict(result.timings))
+
+    def _remember_models(self, graph: Mapping[str, Any]) -> None:
+        for node in graph.values():
+            if "Loader" not in str(node.get("class_type", "")):
+                continue
+            for key, value in node.get("inputs", {}).items():
+                if key.endswith("_name") and isinstance(value, str):
+                    self._models.pop(value, None)
+                    self._models[value] = None
+        while len(self._models) > REMEMBERED_MODELS:
+            del self._models[next(iter(self._models))]
 
     def _fault(self) -> None:
         """An OOM or a CUDA fault: enough of them in a row restart a supervised ComfyUI."""
