@@ -24,6 +24,7 @@ from jobs.control import JobControl
 from jobs.deadletters import DeadLetterNotifier
 from jobs.ledger import Ledger
 from jobs.memory import MemoryBroker, MemoryHub
+from jobs.quotas import QuotaDefaults, QuotaSettings
 from jobs.rabbitmq import RabbitBroker
 from jobs.registry import WorkerRegistry
 from jobs.settings import AmqpSettings, LedgerSettings
@@ -49,6 +50,8 @@ class Frontend:
     catalog: Catalog
     control: JobControl
     workers: WorkerRegistry
+    #: Limits of tenants without their own (``QUOTA_*``).
+    quota_defaults: QuotaSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +92,13 @@ async def frontend(
     workers = WorkerRegistry(bus, frontend_id)
     await workers.start()
     stack.push_async_callback(workers.stop)
-    admission = Admission(catalog, ledger, bus, backends=backends)
+    quota_defaults = QuotaDefaults().settings()
+    admission = Admission(catalog, ledger, bus, backends=backends, quota_defaults=quota_defaults)
     recovered = await admission.recover()
     if recovered:
         log.info("admission.recovered", jobs=recovered)
     control = JobControl(bus, ledger, tracker)
-    return Frontend(admission, tracker, ledger, catalog, control, workers)
+    return Frontend(admission, tracker, ledger, catalog, control, workers, quota_defaults)
 
 
 async def start_backend(

@@ -1,10 +1,11 @@
 """Admission: the only way a job enters the system.
 
-``submit`` validates a request against the workflow's manifest (and, from the quota
-issue on, the tenant's quota), then writes the ledger row, then publishes with a
-publisher confirm, then marks the row published. The idempotency key (a Discord
-interaction id, an HTTP ``Idempotency-Key``) makes a retried submit return the job
-already admitted instead of a second one.
+``submit`` validates a request against the workflow's manifest and the tenant's quota
+rules, then writes the ledger row and reserves the tenant's quota in one transaction
+(:class:`~jobs.quotas.QuotaExceeded` when a counted limit is reached: nothing written),
+then publishes with a publisher confirm, then marks the row published. The idempotency
+key (a Discord interaction id, an HTTP ``Idempotency-Key``) makes a retried submit return
+the job already admitted instead of a second one.
 
 Nothing is written or queued for a request that fails validation. A publish that fails
 removes the row again, so the caller can simply retry. A crash between the write and
@@ -25,6 +26,7 @@ from jobs.bus import JobBus
 from jobs.exceptions import InvalidRequest, JobsError
 from jobs.ledger import JobRecord, Ledger
 from jobs.models import Job, JobRequest, Origin
+from jobs.quotas import QuotaSettings, check_request
 from workflows import Catalog, FieldError, ParameterError, UnknownWorkflow
 
 log = structlog.get_logger(__name__)
@@ -49,8 +51,11 @@ class Admission:
         bus: JobBus,
         *,
         backends: Sequence[str] | None = None,
+        quota_defaults: QuotaSettings | None = None,
     ) -> None:
         self._catalog = catalog
+        #: Limits of tenants without their own; None turns quotas off (the CLI).
+        self._quota_defaults = quota_defaults
         self._ledger = ledger
         self._bus = bus
         #: Backends some renderer runs; None = do not check (workers may come later).
@@ -60,9 +65,17 @@ class Admission:
     def lanes(self) -> tuple[str, ...]:
         return self._bus.topology.lanes
 
-    def validate(self, request: JobRequest, *, idempotency_key: str, origin: Origin) -> Job:
-        """Check ``request`` and build the job it asks for. Raises :class:`InvalidRequest`
-        naming every bad field and what is allowed there."""
+    def validate(
+        self,
+        request: JobRequest,
+        *,
+        idempotency_key: str,
+        origin: Origin,
+        quota: QuotaSettings | None = None,
+    ) -> Job:
+        """Check ``request`` (against ``quota``'s rules too, when given) and build the job
+        it asks for. Raises :class:`InvalidRequest` naming every bad field and what is
+        allowed there."""
         errors: list[FieldError] = []
         if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
             errors.append(
@@ -105,23 +118,35 @@ class Admission:
         except ParameterError as exc:
             errors.extend(exc.errors)
             raise InvalidRequest(errors) from exc
-        if errors:
-            raise InvalidRequest(errors)
-        return Job(
+        job = Job(
             workflow=manifest.name,
             lane=lane,
             params=params,
             origin=origin,
             idempotency_key=idempotency_key,
         )
+        if quota is not None:
+            errors.extend(check_request(quota, job))
+        if errors:
+            raise InvalidRequest(errors)
+        return job
+
+    async def quota_for(self, origin: Origin) -> QuotaSettings | None:
+        """The limits that apply to ``origin``'s tenant, or None (no tenant, no quotas)."""
+        if origin.tenant is None or self._quota_defaults is None:
+            return None
+        return await self._ledger.quota(origin.tenant, self._quota_defaults)
 
     async def submit(
         self, request: JobRequest, *, idempotency_key: str, origin: Origin
     ) -> Admitted:
         """Admit ``request`` once per ``idempotency_key``. See the module docstring."""
         started = time.perf_counter()
+        quota = await self.quota_for(origin)
         try:
-            job = self.validate(request, idempotency_key=idempotency_key, origin=origin)
+            job = self.validate(
+                request, idempotency_key=idempotency_key, origin=origin, quota=quota
+            )
         except InvalidRequest:
             # A retry of a submit that was admitted before (the rules may have changed
             # since) still gets its job.
@@ -129,7 +154,7 @@ class Admission:
             if existing is None:
                 raise
             return await self._again(existing)
-        record, created = await self._ledger.admit(job)
+        record, created = await self._ledger.admit(job, quota)
         if not created:  # this key was admitted before: that job is the answer
             return await self._again(record)
         try:

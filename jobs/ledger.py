@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
+from jobs import quotas
 from jobs.models import (
     Accepted,
     Event,
@@ -32,6 +33,7 @@ from jobs.models import (
     parse_event,
     utcnow,
 )
+from jobs.sql import insert_row
 
 T = TypeVar("T")
 
@@ -103,6 +105,7 @@ class Ledger:
                 foreign_keys=[("job_id", "jobs", "job_id")],
             )
             db.table("job_history").create_index(["job_id"])
+        quotas.create_tables(db)
         self._db = db
 
     async def close(self) -> None:
@@ -119,15 +122,24 @@ class Ledger:
 
         return await asyncio.to_thread(locked)
 
-    async def admit(self, job: Job) -> tuple[JobRecord, bool]:
+    async def admit(
+        self, job: Job, quota: quotas.QuotaSettings | None = None
+    ) -> tuple[JobRecord, bool]:
         """Insert ``job`` as queued and unpublished, or return the job already admitted under
-        its idempotency key. The boolean says whether this call created it."""
+        its idempotency key. The boolean says whether this call created it.
+
+        With ``quota`` (and a tenant in the job's origin), the job's images are reserved
+        in the same transaction, or :class:`~jobs.quotas.QuotaExceeded` is raised and
+        nothing is written."""
 
         def insert(db: sqlite_utils.Database) -> tuple[JobRecord, bool]:
-            now = utcnow().isoformat()
+            moment = utcnow()
+            now = moment.isoformat()
             try:
                 with db.conn:
-                    db.table("jobs").insert(
+                    insert_row(
+                        db,
+                        "jobs",
                         {
                             "job_id": job.job_id,
                             "idempotency_key": job.idempotency_key,
@@ -142,9 +154,11 @@ class Ledger:
                             "job_json": job.model_dump_json(),
                             "created_at": job.created_at.isoformat(),
                             "updated_at": now,
-                        }
+                        },
                     )
                     _history(db, job.job_id, JobStatus.QUEUED, now, None)
+                    if quota is not None:
+                        quotas.reserve(db, job, quota, moment)
             except sqlite3.IntegrityError:
                 rows = list(
                     db.table("jobs").rows_where("idempotency_key = ?", [job.idempotency_key])
@@ -251,7 +265,13 @@ class Ledger:
                 }
                 if event.terminal:
                     update["terminal_json"] = event.model_dump_json()
-                db.table("jobs").update(event.job_id, update)
+                    # A job that did not render costs nothing (cancelled included).
+                    quotas.settle(db, event.job_id, charged=isinstance(event, Succeeded))
+                assignments = ", ".join(f"{column} = ?" for column in update)
+                db.execute(
+                    f"UPDATE jobs SET {assignments} WHERE job_id = ?",
+                    [*update.values(), event.job_id],
+                )
                 detail = (
                     f"{event.reason.value}: {event.message}"
                     if isinstance(event, Failed)
@@ -262,12 +282,47 @@ class Ledger:
 
         return await self._run(apply)
 
+    async def quota(self, tenant: str, defaults: quotas.QuotaSettings) -> quotas.QuotaSettings:
+        """A tenant's limits: its own, else ``defaults``."""
+        return await self._run(lambda db: quotas.settings_for(db, tenant, defaults))
+
+    async def set_quota(
+        self, tenant: str, changes: dict[str, Any], defaults: quotas.QuotaSettings
+    ) -> quotas.QuotaSettings:
+        """Change some of a tenant's limits (validated: raises ``pydantic.ValidationError``)."""
+
+        def update(db: sqlite_utils.Database) -> quotas.QuotaSettings:
+            settings = quotas.merged(quotas.settings_for(db, tenant, defaults), changes)
+            with db.conn:
+                quotas.store_settings(db, tenant, settings)
+            return settings
+
+        return await self._run(update)
+
+    async def usage(
+        self, tenant: str, user: str | None, defaults: quotas.QuotaSettings
+    ) -> quotas.Usage:
+        def read(db: sqlite_utils.Database) -> quotas.Usage:
+            settings = quotas.settings_for(db, tenant, defaults)
+            return quotas.usage(db, tenant, user, settings, utcnow())
+
+        return await self._run(read)
+
+    async def reset_usage(self, tenant: str, user: str) -> int:
+        """Give ``user`` today's images back. Returns how many."""
+
+        def reset(db: sqlite_utils.Database) -> int:
+            with db.conn:
+                return quotas.reset_user(db, tenant, user, utcnow())
+
+        return await self._run(reset)
+
 
 def _history(
     db: sqlite_utils.Database, job_id: str, status: JobStatus, at: str, detail: str | None
 ) -> None:
-    db.table("job_history").insert(
-        {"job_id": job_id, "status": status.value, "at": at, "detail": detail}
+    insert_row(
+        db, "job_history", {"job_id": job_id, "status": status.value, "at": at, "detail": detail}
     )
 
 

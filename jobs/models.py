@@ -45,6 +45,8 @@ class Origin(_Wire):
     user: StrictStr | None = None
     channel: StrictStr | None = None
     message: StrictStr | None = None
+    #: The channel is age-restricted (NSFW-only workflows are allowed only there).
+    age_restricted: bool = False
 
 
 class JobRequest(_Wire):

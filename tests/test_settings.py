@@ -11,6 +11,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
 from brigade.settings import BrigadeSettings
+from jobs.quotas import QuotaDefaults
 from jobs.settings import AmqpSettings, LedgerSettings
 from renderer.settings import ComfyUISettings, RendererSettings
 from storage.settings import LocalStoreSettings, S3Settings
@@ -21,6 +22,7 @@ SETTINGS: list[type[BaseSettings]] = [
     ComfyUISettings,
     LedgerSettings,
     LocalStoreSettings,
+    QuotaDefaults,
     RendererSettings,
     S3Settings,
 ]

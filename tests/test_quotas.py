@@ -1,0 +1,219 @@
+"""Quotas at admission: rules on the request, counted limits reserved atomically with
+the job row, and the images given back when a job does not render."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from jobs.admission import Admission
+from jobs.broker import Broker
+from jobs.bus import JobBus
+from jobs.exceptions import InvalidRequest
+from jobs.ledger import Ledger
+from jobs.memory import MemoryBroker, MemoryHub
+from jobs.models import Failed, FailureReason, JobRequest, Origin, Output, Succeeded
+from jobs.quotas import QuotaExceeded, QuotaSettings
+from jobs.topology import build_topology
+from workflows import Catalog
+
+GUILD = "guild-1"
+DEFAULTS = QuotaSettings()
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    await ledger.open()
+    yield ledger
+    await ledger.close()
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    broker = MemoryBroker(MemoryHub(), build_topology(["fast", "relax"]))
+    await broker.connect()
+    await broker.declare()
+    yield broker
+    await broker.close()
+
+
+@pytest.fixture
+def admission(ledger: Ledger, broker: Broker) -> Admission:
+    return Admission(Catalog.load(), ledger, JobBus(broker), quota_defaults=DEFAULTS)
+
+
+def origin(user: str = "alice", **fields: Any) -> Origin:
+    return Origin(frontend="discord", reply_to="bot", tenant=GUILD, user=user, **fields)
+
+
+_keys = iter(range(10**6))
+
+
+async def submit(admission: Admission, user: str = "alice", **fields: Any) -> str:
+    request = JobRequest.model_validate({"workflow": "demo", "prompt": "a fox", **fields})
+    admitted = await admission.submit(
+        request, idempotency_key=f"k{next(_keys)}", origin=origin(user)
+    )
+    return admitted.job.job_id
+
+
+async def queued(broker: Broker) -> int:
+    return await broker.depth(broker.topology.lane_queue("fast"))
+
+
+async def end(ledger: Ledger, job_id: str, *, rendered: bool) -> None:
+    event: Succeeded | Failed
+    if rendered:
+        output = Output(url="u", key="k", size=1, width=1, height=1)
+        event = Succeeded(job_id=job_id, attempt=1, worker_id="w", seq=1, outputs=[output])
+    else:
+        event = Failed(
+            job_id=job_id, attempt=1, worker_id="w", seq=1, reason=FailureReason.OOM, message="m"
+        )
+    assert await ledger.apply(event)
+
+
+RULES = [
+    ({"workflows": ["sd15-txt2img"]}, {}, "workflow", "allowed: sd15-txt2img"),
+    ({"lanes": ["relax"]}, {}, "lane", "allowed: relax"),
+    ({"max_steps": 10}, {"steps": 20}, "steps", "at most 10"),
+    ({"max_pixels": 256 * 256}, {"width": 512, "height": 256}, "width", "at most 65536"),
+    ({"max_count": 2}, {"count": 3}, "batch", "at most 2"),
+    ({"banned_words": ["Fox"]}, {}, "prompt", "'Fox', a word this server does not allow"),
+    ({"nsfw_workflows": ["demo"]}, {}, "workflow", "only in age-restricted channels"),
+]
+
+
+@pytest.mark.parametrize(("limits", "fields", "field", "message"), RULES)
+async def test_rules_on_the_request_name_the_field_and_the_limit(
+    admission: Admission,
+    ledger: Ledger,
+    broker: Broker,
+    limits: dict[str, Any],
+    fields: dict[str, Any],
+    field: str,
+    message: str,
+) -> None:
+    await ledger.set_quota(GUILD, limits, DEFAULTS)
+
+    with pytest.raises(InvalidRequest) as caught:
+        await submit(admission, **fields)
+
+    assert [e.field for e in caught.value.errors] == [field]
+    assert message in str(caught.value)
+    assert await queued(broker) == 0
+
+
+async def test_banned_words_match_whole_words_only(admission: Admission, ledger: Ledger) -> None:
+    await ledger.set_quota(GUILD, {"banned_words": ["fox"]}, DEFAULTS)
+
+    assert await submit(admission, prompt="a foxglove in bloom")
+    with pytest.raises(InvalidRequest):
+        await submit(admission, prompt="a FOX, running")
+
+
+async def test_nsfw_workflows_are_allowed_in_age_restricted_channels(
+    admission: Admission, ledger: Ledger
+) -> None:
+    await ledger.set_quota(GUILD, {"nsfw_workflows": ["demo"]}, DEFAULTS)
+    request = JobRequest(workflow="demo", prompt="x")
+
+    admitted = await admission.submit(
+        request, idempotency_key="nsfw", origin=origin(age_restricted=True)
+    )
+
+    assert admitted.created
+
+
+async def test_images_per_user_per_day_refuses_and_charges_nothing(
+    admission: Admission, ledger: Ledger, broker: Broker
+) -> None:
+    await ledger.set_quota(GUILD, {"images_per_user_per_day": 3}, DEFAULTS)
+    first = await submit(admission, count=2)
+
+    with pytest.raises(QuotaExceeded) as caught:
+        await submit(admission, count=2)
+
+    assert caught.value.limit == "images_per_user_per_day"
+    assert "1 of your 3 images left today" in caught.value.message
+    assert caught.value.retry_after is not None and caught.value.retry_after > 0
+    assert await queued(broker) == 1
+    usage = await ledger.usage(GUILD, "alice", DEFAULTS)
+    assert (usage.user_images_today, usage.user_images_left) == (2, 1)
+    await end(ledger, first, rendered=True)
+    assert (await ledger.usage(GUILD, "alice", DEFAULTS)).user_images_left == 1
+    assert await submit(admission, user="bob", count=2)  # per user
+
+
+async def test_a_job_that_did_not_render_gives_its_images_back(
+    admission: Admission, ledger: Ledger
+) -> None:
+    await ledger.set_quota(GUILD, {"images_per_user_per_day": 2}, DEFAULTS)
+    failed = await submit(admission, count=2)
+    await end(ledger, failed, rendered=False)
+
+    assert await submit(admission, count=2)  # refunded: allowed again
+    assert (await ledger.usage(GUILD, "alice", DEFAULTS)).user_images_left == 0
+
+
+async def test_jobs_in_flight_per_user_and_pending_per_tenant(
+    admission: Admission, ledger: Ledger
+) -> None:
+    await ledger.set_quota(GUILD, {"concurrent_per_user": 1, "pending_per_tenant": 2}, DEFAULTS)
+    running = await submit(admission)
+    with pytest.raises(QuotaExceeded, match="already have 1 jobs") as caught:
+        await submit(admission)
+    assert caught.value.limit == "concurrent_per_user"
+    await submit(admission, user="bob")
+    with pytest.raises(QuotaExceeded) as caught:
+        await submit(admission, user="carol")
+    assert caught.value.limit == "pending_per_tenant"
+
+    await end(ledger, running, rendered=True)
+
+    assert await submit(admission)
+
+
+async def test_concurrent_submits_never_overspend(admission: Admission, ledger: Ledger) -> None:
+    await ledger.set_quota(GUILD, {"images_per_day": 5, "concurrent_per_user": None}, DEFAULTS)
+
+    results = await asyncio.gather(
+        *(submit(admission, user=f"u{n}") for n in range(12)), return_exceptions=True
+    )
+
+    assert sum(isinstance(r, str) for r in results) == 5
+    assert all(isinstance(r, str | QuotaExceeded) for r in results)
+    assert (await ledger.usage(GUILD, None, DEFAULTS)).tenant_images_today == 5
+
+
+async def test_reset_gives_a_user_todays_images_back(admission: Admission, ledger: Ledger) -> None:
+    await ledger.set_quota(GUILD, {"images_per_user_per_day": 2}, DEFAULTS)
+    await end(ledger, await submit(admission, count=2), rendered=True)
+
+    assert await ledger.reset_usage(GUILD, "alice") == 2
+    assert await submit(admission, count=2)
+
+
+async def test_bad_quota_settings_are_refused(ledger: Ledger) -> None:
+    with pytest.raises(ValidationError, match="max_steps"):
+        await ledger.set_quota(GUILD, {"max_steps": 0}, DEFAULTS)
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        await ledger.set_quota(GUILD, {"max_stepz": 5}, DEFAULTS)
+    assert await ledger.quota(GUILD, DEFAULTS) == DEFAULTS
+
+
+async def test_no_tenant_means_no_quota(ledger: Ledger, broker: Broker) -> None:
+    strict = QuotaSettings(images_per_day=0, concurrent_per_user=0)
+    admission = Admission(Catalog.load(), ledger, JobBus(broker), quota_defaults=strict)
+
+    admitted = await admission.submit(
+        JobRequest(workflow="demo", prompt="x"), idempotency_key="cli", origin=Origin()
+    )
+
+    assert admitted.created
