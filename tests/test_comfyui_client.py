@@ -1,8 +1,8 @@
 """The ComfyUI client (``renderer.comfyui.client``), its frames and its error table.
 
 The first half checks parsing and classification against the recordings of a real
-ComfyUI 0.8.0 in ``/work/shared/comfyui/recordings`` (skipped where that folder is not
-mounted); the second half drives the client over real sockets against the emulator.
+ComfyUI 0.8.0 (``tests/recordings.py`` finds them; missing, those tests fail); the second
+half drives the client over real sockets against the emulator.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import struct
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,16 +27,8 @@ from renderer.comfyui.frames import BinaryEventType, FrameError, PreviewFrame, p
 from renderer.exceptions import BackendUnavailable, InvalidWorkflow, OutOfMemory
 from tests.emulators.comfyui import ComfyUIEmulator
 from tests.fixtures.comfyui import ComfyUIFactory
+from tests.recordings import recording, recordings_dir
 from workflows import Catalog
-
-RECORDINGS = Path("/work/shared/comfyui/recordings")
-needs_recordings = pytest.mark.skipif(
-    not RECORDINGS.is_dir(), reason="the ComfyUI recordings are not mounted here"
-)
-
-
-def recording(name: str) -> Any:
-    return json.loads((RECORDINGS / name).read_text())
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -49,9 +40,8 @@ def png_size(data: bytes) -> tuple[int, int]:
 # -- binary frames ---------------------------------------------------------------------
 
 
-@needs_recordings
 def test_type_1_frame_from_the_recording() -> None:
-    jpeg = (RECORDINGS / "sampler_legacy_preview0.jpg").read_bytes()
+    jpeg = (recordings_dir() / "sampler_legacy_preview0.jpg").read_bytes()
     frame = bytes.fromhex("0000000100000001") + jpeg
 
     parsed = parse_binary_frame(frame)
@@ -60,11 +50,10 @@ def test_type_1_frame_from_the_recording() -> None:
     assert parsed.prompt_id is None
 
 
-@needs_recordings
 def test_type_4_frame_from_the_recording() -> None:
     recorded = recording("sampler.json")["metadata_client"]
     meta = next(f for f in recorded["ws_frames"] if f["kind"] == "binary")
-    jpeg = (RECORDINGS / "sampler_meta_preview0.jpg").read_bytes()
+    jpeg = (recordings_dir() / "sampler_meta_preview0.jpg").read_bytes()
     metadata = json.dumps(meta["metadata"]).encode()
     frame = struct.pack(">II", 4, len(metadata)) + metadata + jpeg
 
@@ -117,7 +106,6 @@ GRAPH_WITH_TITLES: dict[str, Any] = {
 }
 
 
-@needs_recordings
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
@@ -158,7 +146,6 @@ def test_a_400_that_is_not_a_validation_answer_is_not_a_rejection() -> None:
     assert errors.rejection([1, 2], {}) is None
 
 
-@needs_recordings
 def test_recorded_execution_error_is_permanent_with_a_safe_message() -> None:
     run = recording("errors.json")["runtime_error_run"]
     data = next(f["msg"]["data"] for f in run["ws_frames"] if f["msg"]["type"] == "execution_error")

@@ -15,7 +15,6 @@ import asyncio
 import copy
 import io
 import json
-import os
 import re
 import signal
 import struct
@@ -33,26 +32,11 @@ from PIL import Image
 
 from tests.emulators.comfyui import NODES, ComfyUIEmulator
 from tests.fixtures.comfyui import ComfyUIFactory
+from tests.recordings import recording
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "tiny_sd15_random.safetensors"
 XL = "sd_xl_base_1.0.safetensors"
-
-
-def _find_recordings() -> Path | None:
-    candidates: list[str | Path] = [
-        os.environ.get("COMFYUI_RECORDINGS", ""),
-        REPO / "shared" / "comfyui" / "recordings",
-        REPO.parent / "shared" / "comfyui" / "recordings",
-        "/work/shared/comfyui/recordings",
-    ]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "basic.json").is_file():
-            return Path(candidate)
-    return None
-
-
-RECORDINGS = _find_recordings()
 
 
 F = TypeVar("F")
@@ -62,16 +46,6 @@ def needs_recordings(test: F) -> F:
     """Marks a replay test. Without the recordings it fails (in ``recording``): a test
     that cannot check the emulator against the real server must not pass quietly."""
     return test
-
-
-def recording(name: str) -> Any:
-    if RECORDINGS is None:
-        pytest.fail(
-            "the ComfyUI recordings are missing: expected shared/comfyui/recordings beside "
-            "the repository, or $COMFYUI_RECORDINGS",
-            pytrace=False,
-        )
-    return json.loads((RECORDINGS / name).read_text())
 
 
 # -- what differs from run to run ------------------------------------------------------

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.recordings import recording
 from workflows import Catalog
 from workflows.compat import check_template, default_params
-
-RECORDINGS = Path(__file__).parent.parent.parent / "shared" / "comfyui" / "recordings"
 
 
 @pytest.fixture
 def object_info() -> dict[str, Any]:
     """The recorded KSampler and CheckpointLoaderSimple, plus the other SD1.5 nodes."""
-    stats = json.loads((RECORDINGS / "stats.json").read_text())
+    stats = recording("stats.json")
     info: dict[str, Any] = {}
     for cls in ("KSampler", "CheckpointLoaderSimple"):
         info.update(stats[f"/object_info/{cls}"]["json"])
