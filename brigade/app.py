@@ -32,6 +32,7 @@ from jobs.tracker import JobTracker
 from renderer.backends import load_backend
 from renderer.backends.base import Backend
 from renderer.exceptions import BackendUnavailable
+from renderer.gpus import per_gpu
 from renderer.settings import ComfyUISettings, RendererSettings, choose_backend
 from renderer.worker import Renderer, Worker
 from storage import LocalStore, LocalStoreSettings, ObjectStore, S3Settings, S3Store
@@ -176,28 +177,64 @@ def production_store(s3: S3Settings, local: LocalStoreSettings) -> ObjectStore:
     return LocalStore(local.root, public_base_url=local.public_base_url)
 
 
-async def renderer_service(stop: asyncio.Event) -> None:
-    """One production renderer: RabbitMQ, the store, the backend, until ``stop`` is set."""
+async def renderer_service(stop: asyncio.Event, gpus: list[str] | None = None) -> None:
+    """Production renderers on RabbitMQ and the store until ``stop`` is set: one, or with
+    ``gpus`` one per GPU, each with its own supervised ComfyUI (see ``renderer.gpus``)."""
     amqp = AmqpSettings()
     if amqp.url is None:
         raise SystemExit("brigade renderer needs AMQP_URL (amqp://user:password@host:5672/)")
+    url = amqp.url.get_secret_value()
     settings = BrigadeSettings()
     renderer = RendererSettings()
     topology = amqp.topology()
     async with AsyncExitStack() as stack:
-        broker = RabbitBroker(
-            amqp.url.get_secret_value(),
-            topology,
-            name=f"renderer:{renderer.worker_id}",
-            timeout=amqp.timeout_seconds,
-        )
-        bus = await _connected(stack, broker)
-        await broker.declare()
         store = production_store(S3Settings(), LocalStoreSettings())
         await store.start()
         stack.push_async_callback(store.close)
-        backend = await start_backend(stack, renderer)
         catalog = Catalog.load(settings.workflows_dirs)
-        await start_worker(stack, bus, backend, store, catalog, renderer)
+
+        async def one(config: RendererSettings, backend: Backend) -> Worker:
+            broker = RabbitBroker(
+                url,
+                topology,
+                name=f"renderer:{config.worker_id}",
+                timeout=amqp.timeout_seconds,
+            )
+            bus = await _connected(stack, broker)
+            await broker.declare()
+            worker = Worker(bus, Renderer(backend, store, catalog, config), config)
+            await worker.start()
+            return worker
+
+        if gpus is None:
+            backend = await start_backend(stack, renderer)
+            workers = [await one(renderer, backend)]
+        else:
+            configured = per_gpu(renderer, ComfyUISettings(), gpus)
+            backends = [comfyui_backend(config, comfy) for config, comfy in configured]
+            for backend in backends:
+                stack.push_async_callback(backend.close)
+            # Each ComfyUI takes seconds to start: start them side by side.
+            await asyncio.gather(*(backend.start() for backend in backends))
+            workers = [
+                await one(config, backend)
+                for (config, _), backend in zip(configured, backends, strict=True)
+            ]
+        # Drain side by side too: a stop waits for the slowest job, not for their sum.
+        stack.push_async_callback(lambda: _stop_all(workers))
         await stop.wait()
-        log.info("worker.stopping", drain_seconds=renderer.drain_seconds)
+        log.info("worker.stopping", drain_seconds=renderer.drain_seconds, workers=len(workers))
+
+
+async def _stop_all(workers: list[Worker]) -> None:
+    await asyncio.gather(*(worker.stop() for worker in workers))
+
+
+def comfyui_backend(renderer: RendererSettings, comfyui: ComfyUISettings) -> Backend:
+    """A ComfyUI backend for one GPU, supervising its ComfyUI."""
+    from renderer.comfyui.backend import ComfyUIBackend
+    from renderer.comfyui.supervisor import ComfyUISupervisor
+
+    config = comfyui.supervisor_config()
+    supervisor = ComfyUISupervisor(config) if config is not None else None
+    return ComfyUIBackend(renderer, comfyui, supervisor)

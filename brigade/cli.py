@@ -51,7 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     imagine.add_argument("--timeout", type=float, default=900.0, help="seconds to wait (900)")
     imagine.add_argument("-v", "--verbose", action="store_true", help="log at info level")
 
-    commands.add_parser("renderer", help="run a renderer worker against RabbitMQ and S3")
+    renderer = commands.add_parser("renderer", help="run a renderer worker against RabbitMQ and S3")
+    renderer.add_argument(
+        "--gpus",
+        help="one worker and one supervised ComfyUI per GPU: 'all' or a list such as 0,1,3 "
+        "(needs COMFYUI_PATH)",
+    )
 
     workflows = commands.add_parser("workflows", help="workflow templates")
     workflow_commands = workflows.add_subparsers(dest="workflows_command", required=True)
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_imagine(args, settings))
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "renderer":
-        return asyncio.run(_renderer())
+        return asyncio.run(_renderer(args.gpus))
     if args.workflows_command == "check":
         return asyncio.run(_workflows_check(settings, args.comfyui_url, args.checkpoint))
     return _workflows_list(settings, as_json=args.json)
@@ -201,14 +206,24 @@ class ProgressBar:
             self._stream.flush()
 
 
-async def _renderer() -> int:
+async def _renderer(gpu_spec: str | None) -> int:
     from brigade.app import renderer_service
+    from renderer.gpus import GpuError, parse_gpus
 
+    try:
+        gpus = parse_gpus(gpu_spec) if gpu_spec is not None else None
+    except GpuError as exc:
+        print(f"brigade: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await renderer_service(stop)
+    try:
+        await renderer_service(stop, gpus)
+    except GpuError as exc:
+        print(f"brigade: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     return 0
 
 
