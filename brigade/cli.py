@@ -211,7 +211,8 @@ async def _renderer(gpu_spec: str | None) -> int:
     from renderer.gpus import GpuError, parse_gpus
 
     try:
-        gpus = parse_gpus(gpu_spec) if gpu_spec is not None else None
+        # nvidia-smi blocks: not on the event loop.
+        gpus = await asyncio.to_thread(parse_gpus, gpu_spec) if gpu_spec is not None else None
     except GpuError as exc:
         print(f"brigade: {exc}", file=sys.stderr)
         return EXIT_INVALID
