@@ -7,5 +7,6 @@ pytest_plugins = [
     "tests.fixtures.brokers",
     "tests.fixtures.s3server",
     "tests.fixtures.comfyui",
+    "tests.fixtures.discord",
     "tests.fixtures.pipeline",
 ]
