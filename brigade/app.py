@@ -16,6 +16,11 @@ from pathlib import Path
 
 import structlog
 
+from api.context import Services as ApiServices
+from api.database import ApiDatabase
+from api.keys import KeyStore
+from api.server import ApiServer, bind_api, start_api
+from api.settings import ApiSettings
 from brigade.settings import BrigadeSettings
 from jobs.admission import Admission
 from jobs.broker import Broker
@@ -238,3 +243,107 @@ def comfyui_backend(renderer: RendererSettings, comfyui: ComfyUISettings) -> Bac
     config = comfyui.supervisor_config()
     supervisor = ComfyUISupervisor(config) if config is not None else None
     return ComfyUIBackend(renderer, comfyui, supervisor)
+
+
+# -- the HTTP API (api/) ---------------------------------------------------------------
+
+
+async def api_services(
+    stack: AsyncExitStack,
+    front: Frontend,
+    bus: JobBus,
+    ledger_path: Path,
+    store: ObjectStore | None,
+) -> ApiServices:
+    """What the API needs: the frontend's parts, the bus, the store, and its own tables
+    (API keys) in the ledger's file."""
+    db = ApiDatabase(ledger_path)
+    await db.open()
+    stack.push_async_callback(db.close)
+    return ApiServices(
+        admission=front.admission,
+        tracker=front.tracker,
+        ledger=front.ledger,
+        catalog=front.catalog,
+        control=front.control,
+        workers=front.workers,
+        quota_defaults=front.quota_defaults,
+        bus=bus,
+        db=db,
+        keys=KeyStore(db),
+        store=store,
+    )
+
+
+async def api_service(stop: asyncio.Event, api: ApiSettings | None = None) -> None:
+    """The API as its own process (``brigade api``): RabbitMQ, the ledger, the store, the
+    frontend id ``BRIGADE_FRONTEND_ID``, until ``stop`` is set."""
+    amqp = AmqpSettings()
+    if amqp.url is None:
+        raise SystemExit("brigade api needs AMQP_URL (amqp://user:password@host:5672/)")
+    settings = BrigadeSettings()
+    api = api or ApiSettings()
+    async with AsyncExitStack() as stack:
+        server = bind_api(stack, api)
+        broker = RabbitBroker(
+            amqp.url.get_secret_value(),
+            amqp.topology(),
+            name=f"api:{settings.frontend_id}",
+            timeout=amqp.timeout_seconds,
+        )
+        bus = await _connected(stack, broker)
+        await broker.declare()
+        store = production_store(S3Settings(), LocalStoreSettings())
+        await store.start()
+        stack.push_async_callback(store.close)
+        catalog = Catalog.load(settings.workflows_dirs)
+        ledger_path = LedgerSettings(data_dir=settings.data_dir).ledger_path
+        front = await frontend(stack, bus, catalog, ledger_path, settings.frontend_id)
+        services = await api_services(stack, front, bus, ledger_path, store)
+        await start_api(stack, services, api, server)
+        await stop.wait()
+        log.info("api.stopping")
+
+
+@asynccontextmanager
+async def embedded_api(
+    settings: BrigadeSettings,
+    api: ApiSettings,
+    *,
+    renderer: RendererSettings | None = None,
+    amqp: AmqpSettings | None = None,
+) -> AsyncIterator[tuple[Embedded, ApiServer]]:
+    """Everything in this process with the API in front (``brigade up``): the in-process
+    broker, a renderer (ComfyUI at ``COMFYUI_URL`` when it answers, else the demo
+    backend), images in ``BRIGADE_DATA_DIR/images`` served by the API at ``/images/``."""
+    renderer = renderer or RendererSettings()
+    topology = (amqp or AmqpSettings()).topology()
+    renderer = renderer.model_copy(update={"lanes": list(topology.lanes)})
+    local = LocalStoreSettings(data_dir=settings.data_dir)
+    async with AsyncExitStack() as stack:
+        server = bind_api(stack, api)  # first: a taken port fails before anything starts
+        hub = MemoryHub()
+        front_bus = await _connected(stack, MemoryBroker(hub, topology))
+        await front_bus.broker.declare()
+        render_bus = await _connected(stack, MemoryBroker(hub, topology))
+        catalog = Catalog.load(settings.workflows_dirs)
+        base_url = local.public_base_url or f"{server.url}/images"
+        store = LocalStore(local.root, public_base_url=base_url)
+        await store.start()
+        stack.push_async_callback(store.close)
+        backend = await start_backend(stack, renderer, fall_back=True)
+        ledger_path = LedgerSettings(data_dir=settings.data_dir).ledger_path
+        front = await frontend(
+            stack, front_bus, catalog, ledger_path, settings.frontend_id, backends=[backend.name]
+        )
+        worker = await start_worker(stack, render_bus, backend, store, catalog, renderer)
+        services = await api_services(stack, front, front_bus, ledger_path, store)
+        await start_api(stack, services, api, server)
+        yield Embedded(front, worker, store, backend), server
+
+
+async def up_service(stop: asyncio.Event, api: ApiSettings) -> None:
+    """``brigade up``: :func:`embedded_api` until ``stop`` is set."""
+    async with embedded_api(BrigadeSettings(), api) as (_, server):
+        log.info("up.ready", url=server.url, status_page=api.status_page)
+        await stop.wait()

@@ -2,7 +2,8 @@
 
 ``brigade imagine "PROMPT"`` runs one job through the embedded pipeline and prints where
 the image is; ``brigade renderer`` runs a production worker; ``brigade workflows list``
-shows the templates.
+shows the templates; ``brigade api`` runs the HTTP API (``brigade api keys create`` makes
+its keys); ``brigade up`` runs everything in one process with the API in front.
 """
 
 from __future__ import annotations
@@ -67,7 +68,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--comfyui-url", help="a ComfyUI to check against (default: COMFYUI_URL)")
     check.add_argument("--checkpoint", help="check with this checkpoint instead of the defaults")
+    _api_parsers(commands)
     return parser
+
+
+def _api_parsers(commands: Any) -> None:
+    api = commands.add_parser(
+        "api", help="run the HTTP API against RabbitMQ (AMQP_URL), the ledger and the store"
+    )
+    api_commands = api.add_subparsers(dest="api_command")
+    keys = api_commands.add_parser("keys", help="API keys, in the ledger of BRIGADE_DATA_DIR")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key for a tenant; prints it once")
+    create.add_argument("--tenant", required=True, help="the tenant (quotas apply per tenant)")
+    create.add_argument("--name", help="a note for admins: who or what uses the key")
+    listing = key_commands.add_parser("list", help="list keys (never the keys themselves)")
+    listing.add_argument("--tenant")
+    revoke = key_commands.add_parser("revoke", help="revoke a key at once")
+    revoke.add_argument("key_id", help="the key's id (the 12 hex digits after brg_)")
+    commands.add_parser(
+        "up",
+        help="everything in one process: in-process broker, renderer, local images, and the "
+        "API with its status page on API_HOST:API_PORT (127.0.0.1:8080)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "renderer":
         return asyncio.run(_renderer(args.gpus))
+    if args.command == "api":
+        if args.api_command == "keys":
+            return asyncio.run(_api_keys(args, settings))
+        return asyncio.run(_serve("api"))
+    if args.command == "up":
+        return asyncio.run(_serve("up"))
     if args.workflows_command == "check":
         return asyncio.run(_workflows_check(settings, args.comfyui_url, args.checkpoint))
     return _workflows_list(settings, as_json=args.json)
@@ -226,6 +255,78 @@ async def _renderer(gpu_spec: str | None) -> int:
         print(f"brigade: {exc}", file=sys.stderr)
         return EXIT_INVALID
     return 0
+
+
+async def _serve(mode: str) -> int:
+    """``brigade api`` or ``brigade up`` until SIGTERM or SIGINT."""
+    from pydantic import ValidationError
+
+    from api.settings import ApiSettings
+    from brigade.app import api_service, up_service
+
+    try:
+        api = ApiSettings()
+    except ValidationError as exc:
+        print(f"brigade: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        if mode == "api":
+            await api_service(stop, api)
+        else:
+            if "status_page" not in api.model_fields_set:  # on unless API_STATUS_PAGE says no
+                api = api.model_copy(update={"status_page": True})
+            await up_service(stop, api)
+    except OSError as exc:
+        print(f"brigade: cannot listen on {api.host}:{api.port}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+async def _api_keys(args: argparse.Namespace, settings: BrigadeSettings) -> int:
+    """``brigade api keys create|list|revoke`` on the ledger's file, no server needed."""
+    from api.database import ApiDatabase
+    from api.keys import KeyStore
+    from jobs.ledger import Ledger
+    from jobs.settings import LedgerSettings
+
+    path = LedgerSettings(data_dir=settings.data_dir).ledger_path
+    ledger = Ledger(path)
+    await ledger.open()  # creates the ledger's tables in a new data folder
+    db = ApiDatabase(path)
+    try:
+        await db.open()
+        keys = KeyStore(db)
+        if args.keys_command == "create":
+            try:
+                created = await keys.create(args.tenant, args.name)
+            except ValueError as exc:
+                print(f"brigade: {exc}", file=sys.stderr)
+                return EXIT_INVALID
+            print(
+                f"key {created.info.key_id} for tenant {created.info.tenant} (shown once; "
+                "only its hash is stored):",
+                file=sys.stderr,
+            )
+            print(created.key)
+            return 0
+        if args.keys_command == "revoke":
+            revoked = await keys.revoke(args.key_id)
+            if revoked is None:
+                print(f"brigade: no API key {args.key_id!r}", file=sys.stderr)
+                return EXIT_FAILED
+            print(f"revoked {revoked.key_id} ({revoked.tenant})")
+            return 0
+        for key in await keys.list(args.tenant):
+            state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+            print(f"{key.key_id}  {key.tenant:<20} {state:<18} {key.name or ''}")
+        return 0
+    finally:
+        await db.close()
+        await ledger.close()
 
 
 def _workflows_list(settings: BrigadeSettings, *, as_json: bool) -> int:

@@ -24,8 +24,8 @@ def test_torch_is_only_in_the_renderer_extra() -> None:
 
 def test_frontend_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, api, bot, brigade.app, brigade.cli, jobs.admission, jobs.rabbitmq, "
-        "jobs.tracker, renderer.worker, renderer.backends, storage, workflows; "
+        "import sys, api, api.app, api.server, bot, brigade.app, brigade.cli, jobs.admission, "
+        "jobs.rabbitmq, jobs.tracker, renderer.worker, renderer.backends, storage, workflows; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

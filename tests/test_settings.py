@@ -10,6 +10,7 @@ import pytest
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
+from api.settings import ApiSettings
 from brigade.settings import BrigadeSettings
 from jobs.quotas import QuotaDefaults
 from jobs.settings import AmqpSettings, LedgerSettings
@@ -18,6 +19,7 @@ from storage.settings import LocalStoreSettings, S3Settings
 
 SETTINGS: list[type[BaseSettings]] = [
     AmqpSettings,
+    ApiSettings,
     BrigadeSettings,
     ComfyUISettings,
     LedgerSettings,
