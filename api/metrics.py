@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from jobs.models import Event, Failed, Heartbeat, Preview, Succeeded
 
@@ -72,7 +72,13 @@ class _FleetCollector:
             "1 per live renderer, with its state and backend",
             labels=["worker", "backend", "state", "healthy"],
         )
+        restarts = CounterMetricFamily(
+            "brigade_comfyui_restarts",
+            "Times each renderer's supervisor restarted its ComfyUI",
+            labels=["worker"],
+        )
         for beat in snap.workers:
+            restarts.add_metric([beat.worker_id], float(beat.restarts))
             names = [beat.worker_id, beat.device or ""]
             if beat.vram_total is not None:
                 total.add_metric(names, float(beat.vram_total))
@@ -84,6 +90,7 @@ class _FleetCollector:
         yield total
         yield free
         yield busy
+        yield restarts
 
 
 class Metrics:

@@ -281,6 +281,8 @@ class Heartbeat(_Wire):
     vram_free: StrictInt | None = None
     models: list[StrictStr] = Field(default_factory=list)
     healthy: bool = True
+    #: Times this renderer's supervisor restarted its ComfyUI (0 when it runs none).
+    restarts: StrictInt = 0
     completed: StrictInt = 0
     #: Seconds until the next heartbeat: a worker silent for 3 intervals is gone.
     interval: float

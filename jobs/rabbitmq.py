@@ -234,8 +234,13 @@ class RabbitBroker(Broker):
         connection = self._connection
         if connection is None:
             raise BrokerUnavailable("not connected to RabbitMQ")
-        # A passive declare of a missing queue closes its channel: use a throwaway one.
-        async with connection.channel() as channel:
-            declared = await channel.declare_queue(queue, passive=True)
-            count = declared.declaration_result.message_count
+        try:
+            # A passive declare of a missing queue closes its channel: use a throwaway one.
+            async with connection.channel() as channel:
+                declared = await channel.declare_queue(queue, passive=True)
+                count = declared.declaration_result.message_count
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise BrokerUnavailable(f"no queue {queue!r}: {exc}") from exc
+        except (*CONNECTION_EXCEPTIONS, ChannelInvalidStateError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot read the depth of {queue!r}: {exc}") from exc
         return int(count or 0)

@@ -302,6 +302,7 @@ class Worker:
             vram_free=_int(described.get("vram_free")),
             models=[str(m) for m in models] if isinstance(models, list) else [],
             healthy=bool(described.get("healthy", True)),
+            restarts=_int(described.get("restarts")) or 0,
             completed=self.completed,
             interval=self._settings.heartbeat_seconds,
         )

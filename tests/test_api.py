@@ -92,6 +92,7 @@ async def test_a_job_submitted_streams_to_its_end_and_its_image_downloads(api: A
         "brigade_stream_events_dropped_total",
         "brigade_broker_up 1.0",
         'brigade_worker_info{backend="demo"',
+        "brigade_comfyui_restarts_total{worker=",
     ):
         assert series in text, series
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from jobs.broker import Broker, Delivery
-from jobs.exceptions import Unroutable
+from jobs.exceptions import BrokerUnavailable, Unroutable
 from tests.fixtures.brokers import BrokerFactory
 
 
@@ -208,3 +208,15 @@ async def test_events_queue_per_frontend(brokers: BrokerFactory, test_prefix: st
     assert await broker.depth(topology.events_queue("api-1").name) == 0
     with pytest.raises(Unroutable):
         await broker.publish(topology.events_exchange, "gone-frontend", b"lost")
+
+
+async def test_depth_of_a_missing_queue_is_broker_unavailable(
+    brokers: BrokerFactory, test_prefix: str
+) -> None:
+    topology = brokers.topology(test_prefix)
+    broker = await brokers.connect(topology)
+    await broker.declare()
+
+    with pytest.raises(BrokerUnavailable, match="no queue"):
+        await broker.depth(f"{test_prefix}.missing")
+    assert await broker.depth(topology.lane_queue("fast")) == 0  # the connection survives
