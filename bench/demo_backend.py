@@ -33,6 +33,9 @@ class _Discard:
     async def preview(self, image: bytes, mime: str, step: int | None = None) -> None:
         pass
 
+    def wants_preview(self) -> bool:
+        return True
+
 
 async def _bench(
     device: Literal["cpu", "cuda"], jobs: int, size: int, steps: int, batch: int

@@ -87,6 +87,11 @@ class PreviewThrottle:
         self._clock = clock
         self._last_sent: float | None = None
 
+    def ready(self) -> bool:
+        """Whether a preview would go now, without taking the slot (so a backend can
+        skip decoding and encoding a frame that would be dropped)."""
+        return self._last_sent is None or self._clock() - self._last_sent >= self._interval
+
     def should_send(self) -> bool:
         """Whether a preview may go now; answering yes starts the next interval."""
         now = self._clock()

@@ -31,8 +31,9 @@ class RendererSettings(BaseSettings):
     worker_id: str = Field(default_factory=_default_worker_id)
     #: Lanes this worker consumes, comma-separated in the environment.
     lanes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["fast"])
-    #: Unacked jobs held at once. 1 keeps a job from waiting behind another on this GPU.
-    prefetch: int = Field(default=1, ge=1, le=16)
+    #: Unacked jobs held at once. Unset: 2 for ComfyUI (the next prompt waits in ComfyUI's
+    #: own queue, so the GPU never waits on us; measured in docs/benchmarks.md), else 1.
+    prefetch: int | None = Field(default=None, ge=1, le=16)
     #: On SIGTERM, how long the current job may run on before it is handed back.
     drain_seconds: float = Field(default=30.0, ge=0)
     #: Pause before requeueing a job after a transient failure (grows with the attempt).

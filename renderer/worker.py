@@ -143,6 +143,9 @@ class JobReporter:
             elapsed=round(time.monotonic() - self._started, 3),
         )
 
+    def wants_preview(self) -> bool:
+        return self._throttle.ready()
+
     async def preview(self, image: bytes, mime: str, step: int | None = None) -> None:
         if not self._throttle.should_send():
             self.previews_dropped += 1
@@ -249,11 +252,19 @@ class Worker:
     def worker_id(self) -> str:
         return self._settings.worker_id
 
+    @property
+    def prefetch(self) -> int:
+        """``RENDERER_PREFETCH``, or what suits the backend: a ComfyUI renders best with
+        one prompt queued behind the running one (its queue stays fed), others with 1."""
+        if self._settings.prefetch is not None:
+            return self._settings.prefetch
+        return 2 if self._renderer.backend.name == "comfyui" else 1
+
     async def start(self) -> None:
         self._subscriptions = [
             await self._bus.consume_control(self.worker_id, self._on_control),
             *await self._bus.consume_jobs(
-                self._settings.lanes, self._on_delivery, prefetch=self._settings.prefetch
+                self._settings.lanes, self._on_delivery, prefetch=self.prefetch
             ),
         ]
         self._beating = asyncio.create_task(self._heartbeats(), name=f"heartbeats:{self.worker_id}")

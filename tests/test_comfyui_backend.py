@@ -69,6 +69,9 @@ class RecordingReporter:
     async def preview(self, image: bytes, mime: str, step: int | None = None) -> None:
         self.previews.append((image, mime, step))
 
+    def wants_preview(self) -> bool:
+        return True
+
     async def reached(self, step: int) -> None:
         while not any(s >= step for s, _, _ in self.progress_calls):
             self.stepped.clear()
@@ -158,6 +161,27 @@ async def test_a_clean_render(comfyui: ComfyUIEmulator, backend_factory: Backend
     assert submitted["extra_data"] == {"preview_method": "auto"}
     assert await backend.client.history(job.job_id) is None
     assert {"comfyui", "fetch"} <= set(result.timings)
+
+
+async def test_a_preview_nobody_wants_is_not_prepared(
+    comfyui: ComfyUIEmulator, backend_factory: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's throttle would drop it: no decode, no encode, no call."""
+    backend = await backend_factory(comfyui.url)
+    reporter = RecordingReporter()
+    monkeypatch.setattr(reporter, "wants_preview", lambda: False)
+    encoded: list[int] = []
+
+    def encode(*args: object, **kwargs: object) -> tuple[bytes, str]:
+        encoded.append(1)
+        return b"", "image/webp"
+
+    monkeypatch.setattr("renderer.comfyui.backend.encode_preview", encode)
+
+    await backend.render(task(), reporter)
+
+    assert reporter.previews == [] and encoded == []
+    assert len(reporter.progress_calls) == 4
 
 
 async def test_a_dropped_websocket_still_completes_once(

@@ -41,6 +41,9 @@ class RecordingReporter:
     async def preview(self, image: bytes, mime: str, step: int | None = None) -> None:
         self.previews.append((image, mime, step))
 
+    def wants_preview(self) -> bool:
+        return True
+
 
 def settings(**overrides: Any) -> RendererSettings:
     values: dict[str, Any] = {

@@ -278,3 +278,24 @@ async def test_heartbeats_carry_the_gpu_and_the_models_last_used(
     assert beat.device is not None and beat.vram_total == 24 * 2**30
     assert beat.models == [CHECKPOINT]
     assert beat.healthy
+
+
+async def test_a_comfyui_renderer_keeps_the_next_prompt_queued_in_comfyui(
+    rig: Rig, comfyui_factory: ComfyUIFactory
+) -> None:
+    """Prefetch defaults to 2 on ComfyUI: while one job renders, the next is already
+    waiting in ComfyUI's own queue, so the GPU never waits on us between jobs."""
+    comfyui = await comfyui_factory(step_seconds=0.05)
+    worker = await comfy_renderer(rig, comfyui.url)
+    first = await submit(rig, "a", steps=20)
+    second = await submit(rig, "b", steps=2, seed=2)
+
+    async with asyncio.timeout(30):
+        while len(comfyui.submitted) < 2:
+            await asyncio.sleep(0.02)
+    assert comfyui.executed == []  # both handed to ComfyUI before the first finished
+
+    for job_id in (first, second):
+        assert isinstance(await rig.front.tracker.wait(job_id, timeout=30), Succeeded)
+    assert worker.prefetch == 2
+    assert comfyui.executed == [first, second]

@@ -130,3 +130,14 @@ def test_zero_interval_sends_everything() -> None:
 def test_throttle_rejects_negative_interval() -> None:
     with pytest.raises(ValueError, match="interval_seconds"):
         PreviewThrottle(-1.0)
+
+
+def test_ready_peeks_without_taking_the_slot() -> None:
+    clock = FakeClock()
+    throttle = PreviewThrottle(1.0, clock=clock)
+
+    assert throttle.ready() and throttle.ready()
+    assert throttle.should_send()
+    assert not throttle.ready()
+    clock.now += 1.0
+    assert throttle.ready()

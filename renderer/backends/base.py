@@ -44,6 +44,10 @@ class Reporter(Protocol):
 
     async def preview(self, image: bytes, mime: str, step: int | None = None) -> None: ...
 
+    def wants_preview(self) -> bool:
+        """Whether a preview sent now would be used: ask before preparing one."""
+        ...
+
 
 class Backend(Protocol):
     """A GPU (or CPU) engine that renders bound workflows."""

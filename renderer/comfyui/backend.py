@@ -249,6 +249,8 @@ class ComfyUIBackend:
         max_side = self._settings.preview_max_side
 
         async def preview(frame: PreviewFrame, step: int | None) -> None:
+            if not report.wants_preview():
+                return  # it would be throttled: spare the decode and the encode
             try:
                 image, mime = await asyncio.to_thread(encode_preview, frame.image, max_side)
             except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
