@@ -111,7 +111,13 @@ class Ledger:
     async def close(self) -> None:
         db, self._db = self._db, None
         if db is not None:
-            await asyncio.to_thread(db.conn.close)
+            # Under the lock: a cancelled caller's thread may still be inside sqlite3, and
+            # closing the connection under it crashes the process.
+            def close() -> None:
+                with self._lock:
+                    db.conn.close()
+
+            await asyncio.to_thread(close)
 
     async def _run(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         def locked() -> T:
@@ -136,7 +142,7 @@ class Ledger:
             moment = utcnow()
             now = moment.isoformat()
             try:
-                with db.conn:
+                with db.atomic():
                     insert_row(
                         db,
                         "jobs",
@@ -179,7 +185,7 @@ class Ledger:
         """Remove a job that was never published (its publish failed): nothing is left."""
 
         def delete(db: sqlite_utils.Database) -> None:
-            with db.conn:
+            with db.atomic():
                 db.execute("DELETE FROM job_history WHERE job_id = ?", [job_id])
                 db.execute("DELETE FROM jobs WHERE job_id = ? AND published = 0", [job_id])
 
@@ -246,7 +252,7 @@ class Ledger:
 
         def apply(db: sqlite_utils.Database) -> bool:
             now = utcnow().isoformat()
-            with db.conn:
+            with db.atomic():
                 rows = list(db.table("jobs").rows_where("job_id = ?", [event.job_id]))
                 if not rows or JobStatus(rows[0]["status"]).terminal:
                     return False
@@ -293,7 +299,7 @@ class Ledger:
 
         def update(db: sqlite_utils.Database) -> quotas.QuotaSettings:
             settings = quotas.merged(quotas.settings_for(db, tenant, defaults), changes)
-            with db.conn:
+            with db.atomic():
                 quotas.store_settings(db, tenant, settings)
             return settings
 
@@ -312,7 +318,7 @@ class Ledger:
         """Give ``user`` today's images back. Returns how many."""
 
         def reset(db: sqlite_utils.Database) -> int:
-            with db.conn:
+            with db.atomic():
                 return quotas.reset_user(db, tenant, user, utcnow())
 
         return await self._run(reset)
@@ -341,5 +347,5 @@ def _record(row: dict[str, Any]) -> JobRecord:
 
 
 def _write(db: sqlite_utils.Database, sql: str, *params: Any) -> None:
-    with db.conn:
+    with db.atomic():
         db.execute(sql, list(params))

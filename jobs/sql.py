@@ -8,8 +8,9 @@ import sqlite_utils
 
 
 def insert_row(db: sqlite_utils.Database, table: str, row: dict[str, Any]) -> None:
-    """INSERT without committing: sqlite-utils' own ``insert`` commits, which would split
-    the transactions that must stay whole (a job row with its quota reservation)."""
+    """INSERT with the row's columns as given. Inside ``db.atomic()`` it is part of that
+    transaction (a job row with its quota reservation); ``Table.insert`` would first
+    look at the table's schema and may add columns."""
     columns = ", ".join(f"[{column}]" for column in row)
     marks = ", ".join("?" for _ in row)
     db.execute(f"INSERT INTO [{table}] ({columns}) VALUES ({marks})", list(row.values()))

@@ -217,3 +217,18 @@ async def test_no_tenant_means_no_quota(ledger: Ledger, broker: Broker) -> None:
     )
 
     assert admitted.created
+
+
+async def test_a_refused_job_leaves_no_row_and_no_reservation(
+    admission: Admission, ledger: Ledger
+) -> None:
+    """The job row and its reservation are one transaction: a refusal writes neither."""
+    await ledger.set_quota(GUILD, {"images_per_user_per_day": 0}, DEFAULTS)
+    request = JobRequest(workflow="demo", prompt="x")
+
+    with pytest.raises(QuotaExceeded):
+        await admission.submit(request, idempotency_key="refused", origin=origin())
+
+    assert await ledger.get_by_key("refused") is None
+    assert await ledger.unpublished() == []
+    assert (await ledger.usage(GUILD, "alice", DEFAULTS)).user_in_flight == 0
