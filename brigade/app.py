@@ -38,6 +38,7 @@ from renderer.backends import load_backend
 from renderer.backends.base import Backend
 from renderer.exceptions import BackendUnavailable
 from renderer.gpus import per_gpu
+from renderer.health import Check, HealthServer
 from renderer.settings import ComfyUISettings, RendererSettings, choose_backend
 from renderer.worker import Renderer, Worker
 from storage import LocalStore, LocalStoreSettings, ObjectStore, S3Settings, S3Store
@@ -227,8 +228,41 @@ async def renderer_service(stop: asyncio.Event, gpus: list[str] | None = None) -
             ]
         # Drain side by side too: a stop waits for the slowest job, not for their sum.
         stack.push_async_callback(lambda: _stop_all(workers))
+        if renderer.health_port is not None:
+            await start_health(stack, renderer, workers, store, backends_of(workers))
         await stop.wait()
         log.info("worker.stopping", drain_seconds=renderer.drain_seconds, workers=len(workers))
+
+
+def backends_of(workers: list[Worker]) -> list[Backend]:
+    return list({id(w.backend): w.backend for w in workers}.values())
+
+
+async def start_health(
+    stack: AsyncExitStack,
+    renderer: RendererSettings,
+    workers: list[Worker],
+    store: ObjectStore,
+    backends: list[Backend],
+) -> HealthServer:
+    """The renderer's /healthz, /readyz and /metrics (``RENDERER_HEALTH_PORT``)."""
+    checks: dict[str, Check] = {"store": store.check}
+    for worker in workers:
+        checks[f"broker:{worker.worker_id}"] = worker.check_broker
+    for backend in backends:
+        checks[f"backend:{backend.name}:{id(backend):x}"] = _backend_check(backend)
+    server = HealthServer(renderer.health_host, renderer.health_port or 0, checks, workers)
+    await server.start()
+    stack.push_async_callback(server.stop)
+    return server
+
+
+def _backend_check(backend: Backend) -> Check:
+    async def check() -> None:
+        if backend.describe().get("healthy", True) is False:
+            raise BackendUnavailable(f"the {backend.name} backend is not healthy")
+
+    return check
 
 
 async def _stop_all(workers: list[Worker]) -> None:
@@ -343,7 +377,21 @@ async def embedded_api(
 
 
 async def up_service(stop: asyncio.Event, api: ApiSettings) -> None:
-    """``brigade up``: :func:`embedded_api` until ``stop`` is set."""
-    async with embedded_api(BrigadeSettings(), api) as (_, server):
-        log.info("up.ready", url=server.url, status_page=api.status_page)
+    """``brigade up``: :func:`embedded_api`, and the Discord bot when ``DISCORD_TOKEN`` is
+    set, until ``stop`` is set."""
+    from bot.settings import DiscordSettings  # no discord import until a bot runs
+
+    settings = BrigadeSettings()
+    discord_settings = DiscordSettings()
+    async with embedded_api(settings, api) as (app, server), AsyncExitStack() as extras:
+        if discord_settings.token is not None:
+            from bot.service import embedded_bot
+
+            await extras.enter_async_context(embedded_bot(app, settings, discord_settings))
+        log.info(
+            "up.ready",
+            url=server.url,
+            status_page=api.status_page,
+            bot=discord_settings.token is not None,
+        )
         await stop.wait()

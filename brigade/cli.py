@@ -87,6 +87,10 @@ def _api_parsers(commands: Any) -> None:
     revoke = key_commands.add_parser("revoke", help="revoke a key at once")
     revoke.add_argument("key_id", help="the key's id (the 12 hex digits after brg_)")
     commands.add_parser(
+        "bot",
+        help="the Discord bot (DISCORD_TOKEN) over RabbitMQ (AMQP_URL), the ledger and the store",
+    )
+    commands.add_parser(
         "up",
         help="everything in one process: in-process broker, renderer, local images, and the "
         "API with its status page on API_HOST:API_PORT (127.0.0.1:8080)",
@@ -108,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_serve("api"))
     if args.command == "up":
         return asyncio.run(_serve("up"))
+    if args.command == "bot":
+        return asyncio.run(_bot())
     if args.workflows_command == "check":
         return asyncio.run(_workflows_check(settings, args.comfyui_url, args.checkpoint))
     return _workflows_list(settings, as_json=args.json)
@@ -254,6 +260,18 @@ async def _renderer(gpu_spec: str | None) -> int:
     except GpuError as exc:
         print(f"brigade: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    return 0
+
+
+async def _bot() -> int:
+    """``brigade bot`` until SIGTERM or SIGINT."""
+    from bot.service import run_bot
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await run_bot(stop)  # SystemExit with a message: no token, no AMQP_URL, token refused
     return 0
 
 

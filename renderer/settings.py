@@ -38,6 +38,10 @@ class RendererSettings(BaseSettings):
     drain_seconds: float = Field(default=30.0, ge=0)
     #: Pause before requeueing a job after a transient failure (grows with the attempt).
     retry_backoff_seconds: float = Field(default=1.0, ge=0)
+    #: ``/healthz``, ``/readyz`` and ``/metrics`` of this renderer on this port (unset: off;
+    #: 0: any free port), on ``RENDERER_HEALTH_HOST``.
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    health_host: str = "127.0.0.1"
     #: Seconds between two heartbeats (the fleet registry drops a worker after 3 missed).
     heartbeat_seconds: float = Field(default=5.0, gt=0, le=300)
     #: Torch device for the demo backend: ``auto`` picks CUDA when present.

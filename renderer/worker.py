@@ -247,10 +247,21 @@ class Worker:
         self._state = WorkerState.IDLE
         self._beating: asyncio.Task[None] | None = None
         self.completed = 0
+        self.failed = 0
+        self.previews_sent = 0
+        self.previews_dropped = 0
 
     @property
     def worker_id(self) -> str:
         return self._settings.worker_id
+
+    @property
+    def backend(self) -> Backend:
+        return self._renderer.backend
+
+    async def check_broker(self) -> None:
+        """Raise when this worker's broker does not answer (readiness)."""
+        await self._bus.broker.depth(self._bus.topology.lane_queue(self._settings.lanes[0]))
 
     @property
     def prefetch(self) -> int:
@@ -403,6 +414,8 @@ class Worker:
         await emitter.emit(Succeeded, outputs=outputs, seed=job.seed, timings=timings)
         await delivery.ack()
         self.completed += 1
+        self.previews_sent += reporter.previews_sent
+        self.previews_dropped += reporter.previews_dropped
         log.info(
             "job.succeeded",
             seconds=round(time.perf_counter() - started, 4),
@@ -446,6 +459,7 @@ class Worker:
         )
         await emitter.emit(Failed, reason=failure.reason, message=failure.message)
         await delivery.dead_letter()
+        self.failed += 1
 
 
 def _int(value: object) -> int | None:

@@ -224,3 +224,46 @@ async def heartbeat_of(rig: Rig, worker_id: str) -> Any:
                 if beat.worker_id == worker_id:
                     return beat
             await asyncio.sleep(0.05)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("brokers", ["rabbitmq"], indirect=True)
+async def test_a_renderer_answers_health_readiness_and_metrics(
+    rig: Rig, amqp_url: str, s3_settings: S3Settings, tmp_path: Path
+) -> None:
+    port = free_port()
+    renderer = start_renderer_process(
+        rig, amqp_url, s3_settings, tmp_path, "probe", RENDERER_HEALTH_PORT=str(port)
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with asyncio.timeout(60):
+                while True:
+                    try:
+                        async with http.get(f"{base}/healthz") as response:
+                            if response.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.2)
+            await rig.front.tracker.wait(await rig.submit(steps=2, width=64, height=64), 30)
+            async with http.get(f"{base}/readyz") as response:
+                ready = (response.status, await response.json())
+            async with http.get(f"{base}/metrics") as response:
+                metrics = await response.text()
+        renderer.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(renderer.wait, 30) == 0
+    finally:
+        stop_process(renderer)
+
+    assert ready[0] == 200 and set(ready[1]["checks"].values()) == {"ok"}
+    assert 'brigade_renderer_jobs_total{outcome="succeeded",worker="probe"} 1.0' in metrics
+    assert 'brigade_renderer_state{state="idle",worker="probe"} 1.0' in metrics
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -11,6 +11,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
 from api.settings import ApiSettings
+from bot.settings import DiscordSettings
 from brigade.settings import BrigadeSettings
 from jobs.quotas import QuotaDefaults
 from jobs.settings import AmqpSettings, LedgerSettings
@@ -22,6 +23,7 @@ SETTINGS: list[type[BaseSettings]] = [
     ApiSettings,
     BrigadeSettings,
     ComfyUISettings,
+    DiscordSettings,
     LedgerSettings,
     LocalStoreSettings,
     QuotaDefaults,
