@@ -87,6 +87,7 @@ class BrigadeBot(commands.Bot):
             await self.tree.sync()
 
     async def close(self) -> None:
+        self.front.tracker.remove_listener(self.progress.on_event)
         await self.progress.close()
         await super().close()
         await self.messages.close()

@@ -112,8 +112,15 @@ class JobTracker:
             self._watches.pop(watch.job_id, None)
 
     def add_listener(self, listener: Listener) -> None:
-        """Call ``listener`` with every fresh event (the bot edits messages from here)."""
+        """Call ``listener`` with every fresh event (the bot edits messages from here).
+
+        Listeners run in event order, inside the tracker's ordering: one must only note
+        the event and return (hand slow work to a task of its own), or every job waits."""
         self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        with suppress(ValueError):
+            self._listeners.remove(listener)
 
     async def wait(self, job_id: str, timeout: float) -> Succeeded | Failed:
         """The job's terminal event, from the ledger or as it arrives."""

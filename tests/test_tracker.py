@@ -212,3 +212,21 @@ async def test_frames_after_the_end_are_dropped(
     await asyncio.sleep(0.5)
 
     assert seen == ["succeeded"]
+
+
+async def test_a_removed_listener_hears_nothing_more(
+    tracker: JobTracker, bus: JobBus, ledger: Ledger
+) -> None:
+    job = await admitted(ledger)
+    heard: list[str] = []
+
+    async def listen(event: Event) -> None:
+        heard.append(event.type.value)
+
+    tracker.add_listener(listen)
+    tracker.remove_listener(listen)
+    tracker.remove_listener(listen)  # twice is fine
+    await bus.emit(succeeded(job, 1, 1), FRONTEND)
+    await tracker.wait(job.job_id, timeout=10)
+
+    assert heard == []
