@@ -21,7 +21,9 @@ from bot.client import BrigadeBot, point_discord_py
 from bot.settings import DiscordSettings
 from brigade.app import Embedded, Frontend, frontend, production_store
 from brigade.settings import BrigadeSettings
+from jobs.broker import Broker
 from jobs.bus import JobBus
+from jobs.health import Check, HealthServer
 from jobs.rabbitmq import RabbitBroker
 from jobs.settings import AmqpSettings, LedgerSettings
 from storage import LocalStoreSettings, ObjectStore, S3Settings
@@ -91,6 +93,14 @@ async def run_bot(stop: asyncio.Event) -> None:
         front = await frontend(stack, JobBus(broker), catalog, ledger_path, settings.frontend_id)
         try:
             async with started(front, discord_settings, ledger_path, store) as running:
+                if discord_settings.health_port is not None:
+                    health = HealthServer(
+                        discord_settings.health_host,
+                        discord_settings.health_port,
+                        readiness(running, broker, front),
+                    )
+                    await health.start()
+                    stack.push_async_callback(health.stop)
                 await serve_until(stop, running)
         except discord.LoginFailure as exc:
             raise SystemExit(f"Discord refused DISCORD_TOKEN: {exc}") from exc
@@ -107,6 +117,22 @@ async def embedded_bot(
     ledger_path = LedgerSettings(data_dir=settings.data_dir).ledger_path
     async with started(app.frontend, discord_settings, ledger_path, app.store) as running:
         yield running
+
+
+def readiness(running: RunningBot, broker: Broker, front: Frontend) -> dict[str, Check]:
+    """What ``/readyz`` checks for the bot: the gateway, the broker, the ledger."""
+
+    async def gateway() -> None:
+        if running.bot.is_closed() or not running.bot.is_ready():
+            raise ConnectionError("not connected to the Discord gateway")
+
+    async def queue() -> None:
+        await broker.depth(broker.topology.lane_queue(broker.topology.lanes[0]))
+
+    async def ledger() -> None:
+        await front.ledger.get("readyz")
+
+    return {"discord": gateway, "broker": queue, "ledger": ledger}
 
 
 async def serve_until(stop: asyncio.Event, running: RunningBot) -> None:

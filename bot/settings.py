@@ -35,6 +35,11 @@ class DiscordSettings(BaseSettings):
     default_workflow: str | None = None
     #: Seconds discord.py waits after the last GUILD_CREATE before it is ready.
     guild_ready_timeout: float = Field(default=2.0, ge=0.0)
+    #: ``/healthz`` and ``/readyz`` of ``brigade bot`` on this port (unset: off; 0: any),
+    #: on ``DISCORD_HEALTH_HOST``. Ready: the gateway is connected, the broker and the
+    #: ledger answer.
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    health_host: str = "127.0.0.1"
 
     _split_owners = field_validator("owner_ids", mode="before")(split_csv)
     _split_guilds = field_validator("dev_guilds", mode="before")(split_csv)

@@ -27,6 +27,7 @@ from jobs.broker import Broker
 from jobs.bus import JobBus
 from jobs.control import JobControl
 from jobs.deadletters import DeadLetterNotifier
+from jobs.health import Check, HealthServer
 from jobs.ledger import Ledger
 from jobs.memory import MemoryBroker, MemoryHub
 from jobs.quotas import QuotaDefaults, QuotaSettings
@@ -38,7 +39,7 @@ from renderer.backends import load_backend
 from renderer.backends.base import Backend
 from renderer.exceptions import BackendUnavailable
 from renderer.gpus import per_gpu
-from renderer.health import Check, HealthServer
+from renderer.health import WorkersCollector
 from renderer.settings import ComfyUISettings, RendererSettings, choose_backend
 from renderer.worker import Renderer, Worker
 from storage import LocalStore, LocalStoreSettings, ObjectStore, S3Settings, S3Store
@@ -251,7 +252,9 @@ async def start_health(
         checks[f"broker:{worker.worker_id}"] = worker.check_broker
     for backend in backends:
         checks[f"backend:{backend.name}:{id(backend):x}"] = _backend_check(backend)
-    server = HealthServer(renderer.health_host, renderer.health_port or 0, checks, workers)
+    server = HealthServer(
+        renderer.health_host, renderer.health_port or 0, checks, [WorkersCollector(workers)]
+    )
     await server.start()
     stack.push_async_callback(server.stop)
     return server

@@ -4,8 +4,10 @@ all from the environment) and ``embedded_bot`` (inside ``brigade up``)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
+import aiohttp
 import pytest
 from pydantic import SecretStr
 
@@ -39,6 +41,9 @@ async def test_run_bot_on_rabbitmq(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     guild = discord_emulator.add_guild()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        health_port = int(probe.getsockname()[1])
     for name, value in {
         "DISCORD_TOKEN": discord_emulator.token,
         "DISCORD_API_BASE_URL": discord_emulator.api_base,
@@ -51,6 +56,7 @@ async def test_run_bot_on_rabbitmq(
         "BRIGADE_FRONTEND_ID": "bot-service-test",
         "S3_ENDPOINT_URL": "",
         "S3_ACCESS_KEY_ID": "",
+        "DISCORD_HEALTH_PORT": str(health_port),
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)  # no .env of the checkout
@@ -62,6 +68,17 @@ async def test_run_bot_on_rabbitmq(
         )
         assert not service.done()
         await discord_emulator.wait_for_session()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{health_port}/healthz") as response:
+                assert response.status == 200
+            async with asyncio.timeout(10):
+                while True:  # ready once discord.py has its guilds
+                    async with http.get(f"http://127.0.0.1:{health_port}/readyz") as response:
+                        ready = await response.json()
+                    if response.status == 200:
+                        break
+                    await asyncio.sleep(0.05)
+        assert ready["checks"] == {"discord": "ok", "broker": "ok", "ledger": "ok"}
     finally:
         stop.set()
         await asyncio.wait_for(service, 10)
