@@ -22,6 +22,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
+    AbstractRobustQueue,
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
 
@@ -33,6 +34,8 @@ log = structlog.get_logger(__name__)
 
 #: AMQP reply code of a mandatory message that matched no queue.
 NO_ROUTE = 312
+#: Seconds between two reconnection attempts of a robust connection.
+RECONNECT_SECONDS = 1.0
 
 _EXCHANGE_TYPES = {
     ExchangeKind.DIRECT: aio_pika.ExchangeType.DIRECT,
@@ -117,6 +120,9 @@ class RabbitBroker(Broker):
         self._timeout = timeout
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
+        #: Queues declared through this broker, so a consumer's channel can declare them
+        #: again itself after a reconnect (an exclusive queue is gone by then).
+        self._specs: dict[str, QueueSpec] = {}
 
     async def connect(self) -> None:
         if self._connection is not None:
@@ -125,6 +131,7 @@ class RabbitBroker(Broker):
             self._connection = await aio_pika.connect_robust(
                 self._url,
                 timeout=self._timeout,
+                reconnect_interval=RECONNECT_SECONDS,
                 client_properties={"connection_name": self._name},
             )
             channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -153,15 +160,8 @@ class RabbitBroker(Broker):
             )
 
     async def declare_queue(self, spec: QueueSpec) -> None:
-        channel = self._channel()
-        queue = await channel.declare_queue(
-            spec.name,
-            durable=spec.durable,
-            exclusive=spec.exclusive,
-            arguments=spec.arguments(),
-        )
-        for binding in spec.bindings:
-            await queue.bind(binding.exchange, binding.routing_key)
+        self._specs[spec.name] = spec
+        await _declare(self._channel(), spec)
 
     async def publish(
         self,
@@ -206,7 +206,14 @@ class RabbitBroker(Broker):
         channel = await connection.channel()
         assert isinstance(channel, AbstractRobustChannel)
         await channel.set_qos(prefetch_count=prefetch)
-        source = await channel.get_queue(queue, ensure=False)
+        # Declared on this channel, the queue and its consumer come back after a reconnect
+        # (a robust channel restores only what was declared through it).
+        spec = self._specs.get(queue)
+        source = (
+            await _declare(channel, spec)
+            if spec is not None
+            else await channel.declare_queue(queue, passive=True)
+        )
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             delivery = RabbitDelivery(message)
@@ -244,3 +251,15 @@ class RabbitBroker(Broker):
         except (*CONNECTION_EXCEPTIONS, ChannelInvalidStateError, TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot read the depth of {queue!r}: {exc}") from exc
         return int(count or 0)
+
+
+async def _declare(channel: AbstractRobustChannel, spec: QueueSpec) -> AbstractRobustQueue:
+    queue = await channel.declare_queue(
+        spec.name,
+        durable=spec.durable,
+        exclusive=spec.exclusive,
+        arguments=spec.arguments(),
+    )
+    for binding in spec.bindings:
+        await queue.bind(binding.exchange, binding.routing_key)
+    return queue

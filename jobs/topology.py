@@ -8,8 +8,8 @@
                          └─▶ brigade.jobs.dead.notices           read by every frontend's
                                                                   DeadLetterNotifier
     brigade.events (direct, key = frontend id) ──▶ brigade.events.<frontend id>
-    brigade.control (fanout) ──▶ one exclusive queue per renderer
-    brigade.heartbeats (fanout) ──▶ one exclusive queue per frontend (short message TTL)
+    brigade.control (fanout) ──▶ one queue per renderer (expires a minute after it goes)
+    brigade.heartbeats (fanout) ──▶ one queue per frontend (short message TTL, expires)
 
 Jobs and their terminal events are persistent messages on durable quorum queues; a
 frontend's event queue outlives the frontend (it expires only after a long absence), so
@@ -30,6 +30,8 @@ DEFAULT_DELIVERY_LIMIT = 4
 DEFAULT_EVENTS_QUEUE_EXPIRES_MS = 7 * 24 * 3600 * 1000
 #: A heartbeat nobody read within this long is stale news: dropped by the broker.
 HEARTBEAT_TTL_MS = 30_000
+#: A renderer's control queue or a frontend's heartbeat queue unused this long goes.
+PRIVATE_QUEUE_EXPIRES_MS = 60_000
 
 
 class ExchangeKind(str, Enum):
@@ -66,9 +68,9 @@ class QueueSpec:
 
     def arguments(self) -> dict[str, Any]:
         """The ``x-`` arguments RabbitMQ needs for this queue."""
-        args: dict[str, Any] = {}
-        if self.quorum:
-            args["x-queue-type"] = "quorum"
+        # Always explicit: a broker whose default queue type is quorum would otherwise
+        # make our private queues quorum queues too.
+        args: dict[str, Any] = {"x-queue-type": "quorum" if self.quorum else "classic"}
         if self.delivery_limit is not None:
             args["x-delivery-limit"] = self.delivery_limit
         if self.dead_letter_exchange is not None:
@@ -137,13 +139,15 @@ class Topology:
         )
 
     def control_queue(self, worker_id: str) -> QueueSpec:
-        """A renderer's private control queue: it only cares while it is alive."""
+        """A renderer's private control queue. Not exclusive: it must outlive a dropped
+        connection for the reconnect to find it (with its binding); it expires once
+        its renderer has been gone a minute."""
         return QueueSpec(
             name=f"{self.prefix}.control.{worker_id}",
             bindings=(Binding(self.control_exchange),),
             durable=False,
             quorum=False,
-            exclusive=True,
+            expires_ms=PRIVATE_QUEUE_EXPIRES_MS,
         )
 
     def heartbeats_queue(self, frontend_id: str) -> QueueSpec:
@@ -153,7 +157,7 @@ class Topology:
             bindings=(Binding(self.heartbeats_exchange),),
             durable=False,
             quorum=False,
-            exclusive=True,
+            expires_ms=PRIVATE_QUEUE_EXPIRES_MS,
             message_ttl_ms=HEARTBEAT_TTL_MS,
         )
 

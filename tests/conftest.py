@@ -8,5 +8,6 @@ pytest_plugins = [
     "tests.fixtures.s3server",
     "tests.fixtures.comfyui",
     "tests.fixtures.discord",
+    "tests.fixtures.tcpproxy",
     "tests.fixtures.pipeline",
 ]
