@@ -72,7 +72,6 @@ from typing import Any, Literal, cast
 
 import aiohttp
 import structlog
-from pydantic import SecretStr
 
 from brigade.app import Frontend, frontend, start_worker
 from jobs.bus import JobBus
@@ -85,7 +84,7 @@ from storage.s3 import S3Store
 from storage.settings import S3Settings
 from tests.emulators.comfyui import ComfyUIEmulator
 from tests.fixtures.rabbitmq import delete_topology
-from tests.fixtures.s3server import S3Server, run_seaweedfs, weed_binary
+from tests.fixtures.s3server import run_seaweedfs, settings_for, weed_binary
 from workflows import Catalog
 
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -669,24 +668,6 @@ def print_table(
         )
 
 
-def s3_settings(server: S3Server) -> S3Settings:
-    return S3Settings(
-        _env_file=None,
-        endpoint_url=server.endpoint_url,
-        region=server.region,
-        bucket=server.bucket,
-        access_key_id=SecretStr(server.access_key),
-        secret_access_key=SecretStr(server.secret_key),
-        prefix="bench",
-        public_base_url=None,
-        presign_seconds=3600,
-        addressing_style="path",
-        timeout_seconds=10.0,
-        max_attempts=2,
-        create_bucket=False,
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100, help="jobs per throughput run")
@@ -737,7 +718,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as folder:
         workdir = Path(folder)
         with run_seaweedfs(workdir / "seaweedfs", weed) as server:
-            asyncio.run(bench(args, s3_settings(server), workdir))
+            asyncio.run(bench(args, settings_for(server, "bench"), workdir))
 
 
 if __name__ == "__main__":
