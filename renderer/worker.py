@@ -294,7 +294,8 @@ class Worker:
             await subscription.cancel()
         self._subscriptions = []
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout=drain)
+            if self._running:  # (wait_for with a timeout of 0 times out even when idle)
+                await asyncio.wait_for(self._idle.wait(), timeout=drain)
         except TimeoutError:
             log.warning("worker.drain_timeout", running=len(self._running))
             for task in list(self._running):

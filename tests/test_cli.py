@@ -249,3 +249,11 @@ def test_workflows_check_without_a_server_loads_every_template(tmp_path: Path) -
 
     assert done.returncode == 0, done.stderr
     assert "4 templates load and validate" in done.stdout
+
+
+def test_imagine_says_nothing_on_stderr_about_a_clean_stop(tmp_path: Path) -> None:
+    done = brigade(tmp_path, "imagine", "quiet", "--steps", "2", "--width", "64", "--height", "64")
+
+    assert done.returncode == 0, done.stderr
+    assert "drain_timeout" not in done.stderr
+    assert "warning" not in done.stderr.lower()
