@@ -26,7 +26,7 @@ from jobs.bus import JobBus
 from jobs.exceptions import InvalidRequest, JobsError
 from jobs.ledger import JobRecord, Ledger
 from jobs.models import Job, JobRequest, Origin
-from jobs.quotas import QuotaSettings, check_request
+from jobs.quotas import QuotaExceeded, QuotaSettings, check_paused, check_request
 from workflows import Catalog, FieldError, ParameterError, UnknownWorkflow
 
 log = structlog.get_logger(__name__)
@@ -144,12 +144,14 @@ class Admission:
         started = time.perf_counter()
         quota = await self.quota_for(origin)
         try:
+            if quota is not None:
+                check_paused(quota)
             job = self.validate(
                 request, idempotency_key=idempotency_key, origin=origin, quota=quota
             )
-        except InvalidRequest:
-            # A retry of a submit that was admitted before (the rules may have changed
-            # since) still gets its job.
+        except (InvalidRequest, QuotaExceeded):
+            # A retry of a submit that was admitted before (the rules may have changed,
+            # or admissions been paused, since) still gets its job.
             existing = await self._ledger.get_by_key(idempotency_key)
             if existing is None:
                 raise

@@ -214,6 +214,20 @@ class Ledger:
             ]
         )
 
+    async def active(self, tenant: str, limit: int = 25) -> list[JobRecord]:
+        """A tenant's jobs that are queued or running, oldest first."""
+        return await self._run(
+            lambda db: [
+                _record(row)
+                for row in db.table("jobs").rows_where(
+                    "tenant = ? AND status IN (?, ?)",
+                    [tenant, JobStatus.QUEUED.value, JobStatus.RUNNING.value],
+                    order_by="created_at",
+                    limit=limit,
+                )
+            ]
+        )
+
     async def history(self, job_id: str) -> list[tuple[JobStatus, str, str | None]]:
         return await self._run(
             lambda db: [

@@ -53,6 +53,8 @@ class QuotaSettings(BaseModel):
     banned_words: list[str] = Field(default_factory=list)
     #: Workflows allowed only in age-restricted channels.
     nsfw_workflows: list[str] = Field(default_factory=list)
+    #: No new job is admitted (``/queue pause``); jobs already queued go on.
+    paused: bool = False
 
 
 class QuotaDefaults(BaseSettings):
@@ -97,6 +99,12 @@ class Usage:
     user_images_left: int | None
     user_in_flight_left: int | None
     resets_at: datetime
+
+
+def check_paused(settings: QuotaSettings) -> None:
+    """Raise :class:`QuotaExceeded` (limit ``paused``) while admissions are paused."""
+    if settings.paused:
+        raise QuotaExceeded("paused", "New jobs are paused here for now; an admin can resume them.")
 
 
 def check_request(settings: QuotaSettings, job: Job) -> list[FieldError]:
@@ -200,11 +208,21 @@ def create_tables(db: sqlite_utils.Database) -> None:
         db.table("reservations").create_index(["tenant", "user", "state"])
 
 
+#: The pseudo-tenant whose ``paused`` pauses every tenant (a bot owner's global pause).
+EVERYONE = "*"
+
+
 def settings_for(db: sqlite_utils.Database, tenant: str, defaults: QuotaSettings) -> QuotaSettings:
-    rows = list(db.table("quota_settings").rows_where("tenant = ?", [tenant]))
-    if not rows:
-        return defaults
-    return QuotaSettings.model_validate_json(rows[0]["settings_json"])
+    """``tenant``'s limits (else ``defaults``), paused as well when everyone is."""
+    rows = {
+        row["tenant"]: QuotaSettings.model_validate_json(row["settings_json"])
+        for row in db.table("quota_settings").rows_where("tenant IN (?, ?)", [tenant, EVERYONE])
+    }
+    settings = rows.get(tenant, defaults)
+    everyone = rows.get(EVERYONE)
+    if everyone is not None and everyone.paused and tenant != EVERYONE:
+        settings = settings.model_copy(update={"paused": True})
+    return settings
 
 
 def store_settings(db: sqlite_utils.Database, tenant: str, settings: QuotaSettings) -> None:

@@ -91,3 +91,46 @@ def test_quota_values_are_parsed_by_field() -> None:
     assert parse_quota_value("banned_words", "none") == []
     with pytest.raises(Refused):
         parse_quota_value("max_steps", "many")
+
+
+async def test_pause_and_resume_admissions(
+    discord_emulator: DiscordEmulator, tmp_path: Path
+) -> None:
+    async with bot_world(discord_emulator, tmp_path) as world, world.running() as bot:
+        paused = await world.answer(await world.command("queue", subcommand="pause"))
+        refused = await world.answer(await world.imagine("a lighthouse"))
+        everywhere = await world.answer(
+            await world.command("queue", {"everywhere": True}, subcommand="pause")
+        )
+        resumed = await world.answer(await world.command("queue", subcommand="resume"))
+        taken = await world.imagine("a lighthouse")
+        await world.answer(taken)
+        admitted = await bot.front.ledger.get_by_key(str(taken.id))
+
+    assert "this server are paused" in paused.content
+    assert refused.ephemeral and "paused" in refused.content
+    assert "Only the bot's owners" in everywhere.content
+    assert "taking new jobs again" in resumed.content
+    assert taken.original is not None and not taken.original.deleted
+    assert admitted is not None and admitted.job.prompt == "a lighthouse"
+
+
+async def test_list_and_purge_the_waiting_jobs(
+    discord_emulator: DiscordEmulator, tmp_path: Path
+) -> None:
+    async with (
+        bot_world(discord_emulator, tmp_path, step_seconds=0.3) as world,
+        world.running() as bot,
+    ):
+        await world.answer(await world.imagine("first"))
+        await world.answer(await world.imagine("second", user=world.other))
+        listed = await world.answer(await world.command("queue", subcommand="list"))
+        purged = await world.answer(await world.command("queue", subcommand="purge"))
+        records = {
+            r.job.prompt: r.status.value for r in await bot.front.ledger.active(str(world.guild.id))
+        }
+
+    assert "**2 job(s)**" in listed.content
+    assert "first" in listed.content and "second" in listed.content
+    assert purged.content == "Cancelled 1 waiting job(s)."
+    assert records == {"first": "running"}

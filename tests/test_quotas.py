@@ -232,3 +232,33 @@ async def test_a_refused_job_leaves_no_row_and_no_reservation(
     assert await ledger.get_by_key("refused") is None
     assert await ledger.unpublished() == []
     assert (await ledger.usage(GUILD, "alice", DEFAULTS)).user_in_flight == 0
+
+
+async def test_paused_admissions_refuse_new_jobs_but_not_a_retry(
+    admission: Admission, ledger: Ledger, broker: Broker
+) -> None:
+    request = JobRequest(workflow="demo", prompt="x")
+    first = await admission.submit(request, idempotency_key="before", origin=origin())
+    await ledger.set_quota(GUILD, {"paused": True}, DEFAULTS)
+
+    with pytest.raises(QuotaExceeded) as caught:
+        await submit(admission)
+    again = await admission.submit(request, idempotency_key="before", origin=origin())
+
+    assert caught.value.limit == "paused" and "paused" in caught.value.message
+    assert again.job == first.job and not again.created
+    assert await queued(broker) == 1
+    await ledger.set_quota(GUILD, {"paused": False}, DEFAULTS)
+    assert await submit(admission, user="bob")
+
+
+async def test_a_global_pause_pauses_every_tenant(admission: Admission, ledger: Ledger) -> None:
+    await ledger.set_quota("*", {"paused": True}, DEFAULTS)
+
+    with pytest.raises(QuotaExceeded, match="paused"):
+        await submit(admission)
+    assert (await ledger.quota(GUILD, DEFAULTS)).paused
+
+    await ledger.set_quota("*", {"paused": False}, DEFAULTS)
+    assert await submit(admission)
+    assert [r.job.origin.user for r in await ledger.active(GUILD)] == ["alice"]

@@ -16,7 +16,8 @@ from bot import flow
 from bot.cards import NO_MENTIONS
 from bot.client import BrigadeBot
 from bot.errors import NotAllowed, Refused, reply_error
-from jobs.quotas import QuotaSettings
+from jobs.control import CancelOutcome
+from jobs.quotas import EVERYONE, QuotaSettings
 
 #: ``/quota set`` fields that hold a number (``none`` lifts the limit).
 NUMBER_FIELDS = (
@@ -209,6 +210,66 @@ class Admin(commands.Cog):
         await self._answer(
             interaction, await flow.cancel_command(self.bot, interaction, job.strip())
         )
+
+    @queue.command(name="list", description="This server's jobs waiting and rendering")
+    @admin_only()
+    async def queue_list(self, interaction: discord.Interaction[BrigadeBot]) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        records = await self.bot.front.ledger.active(self._tenant(interaction))
+        if not records:
+            await self._answer(interaction, "No job of this server is waiting or rendering.")
+            return
+        lines = [f"**{len(records)} job(s)**, oldest first"]
+        for record in records:
+            job = record.job
+            prompt = discord.utils.escape_markdown(job.prompt[:60])
+            lines.append(
+                f"`{job.job_id}` {record.status.value} · {job.workflow} · "
+                f"<@{job.origin.user}> · {prompt}"
+            )
+        await self._answer(interaction, "\n".join(lines))
+
+    @queue.command(name="purge", description="Cancel every job of this server still waiting")
+    @admin_only()
+    async def queue_purge(self, interaction: discord.Interaction[BrigadeBot]) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        records = await self.bot.front.ledger.active(self._tenant(interaction), limit=1000)
+        by = f"discord:{interaction.user.id}"
+        cancelled = 0
+        for record in records:
+            if record.status.value == "queued":
+                outcome = await self.bot.front.control.cancel(record.job.job_id, requested_by=by)
+                cancelled += outcome is CancelOutcome.CANCELLED
+        await self._answer(interaction, f"Cancelled {cancelled} waiting job(s).")
+
+    @queue.command(name="pause", description="Stop taking new jobs (jobs already queued go on)")
+    @app_commands.describe(everywhere="Every server (bot owners only)")
+    @admin_only()
+    async def queue_pause(
+        self, interaction: discord.Interaction[BrigadeBot], everywhere: bool = False
+    ) -> None:
+        await self._set_paused(interaction, paused=True, everywhere=everywhere)
+
+    @queue.command(name="resume", description="Take new jobs again")
+    @app_commands.describe(everywhere="Every server (bot owners only)")
+    @admin_only()
+    async def queue_resume(
+        self, interaction: discord.Interaction[BrigadeBot], everywhere: bool = False
+    ) -> None:
+        await self._set_paused(interaction, paused=False, everywhere=everywhere)
+
+    async def _set_paused(
+        self, interaction: discord.Interaction[BrigadeBot], *, paused: bool, everywhere: bool
+    ) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        if everywhere and interaction.user.id not in self.bot.settings.owner_ids:
+            raise Refused("Only the bot's owners can pause or resume every server.")
+        tenant = EVERYONE if everywhere else self._tenant(interaction)
+        front = self.bot.front
+        await front.ledger.set_quota(tenant, {"paused": paused}, front.quota_defaults)
+        where = "every server" if everywhere else "this server"
+        state = "paused: no new job is taken" if paused else "taking new jobs again"
+        await self._answer(interaction, f"Admissions for {where} are {state}.")
 
     @app_commands.command(name="workers", description="The renderers and what they do")
     @app_commands.guild_only()
