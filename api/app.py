@@ -148,7 +148,7 @@ async def metrics_route(request: web.Request) -> web.Response:
     except ApiProblem:
         snapshot.broker_up = False
         snapshot.depth = {}
-        snapshot.jobs = await api.services.db.job_counts()
+        snapshot.jobs = await api.services.ledger.counts()
     else:
         snapshot.broker_up = True
         snapshot.depth = {lane.name: lane.depth for lane in queue.lanes}

@@ -255,7 +255,9 @@ async def list_jobs(request: web.Request) -> web.Response:
             allowed = ", ".join(s.value for s in JobStatus)
             message = f"status: {raw_status!r} is not allowed (allowed: {allowed})"
             raise invalid([FieldError("status", message)]) from exc
-    records = await api.services.db.recent(principal.tenant, limit=limit, status=status)
+    records = await api.services.ledger.recent(
+        principal.tenant, frontend="api", limit=limit, status=status
+    )
     return json_response(JobList(jobs=[await job_view(api, record) for record in records]))
 
 
@@ -319,7 +321,7 @@ async def queue(request: web.Request) -> web.Response:
 async def read_queue(api: ApiState) -> Queue:
     """Depth per lane (the broker) and this frontend's jobs per lane (the ledger)."""
     bus = api.services.bus
-    counts = await api.services.db.job_counts()
+    counts = await api.services.ledger.counts()
     lanes = []
     for lane in bus.topology.lanes:
         try:

@@ -90,7 +90,7 @@ class KeyStore:
         created = utcnow()
 
         def insert(db: sqlite_utils.Database) -> None:
-            with db.conn:
+            with db.atomic():
                 insert_row(
                     db,
                     "api_keys",
@@ -141,7 +141,7 @@ class KeyStore:
         now = utcnow().isoformat()
 
         def write(db: sqlite_utils.Database) -> ApiKey | None:
-            with db.conn:
+            with db.atomic():
                 db.execute(
                     "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                     [now, key_id],

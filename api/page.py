@@ -110,7 +110,9 @@ async def status_page(request: web.Request) -> web.Response:
             queue = None
         queue_html = _queue_rows(queue)
         workers_html = _worker_rows(read_workers(api))
-        records = await services.db.recent("local", limit=RECENT, status=JobStatus.SUCCEEDED)
+        records = await services.ledger.recent(
+            "local", frontend="api", limit=RECENT, status=JobStatus.SUCCEEDED
+        )
         recent_html = _recent_cards([await job_view(api, r) for r in records])
     else:
         recent_html = '<p class="muted">paste a key to see your images</p>'

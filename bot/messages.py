@@ -9,10 +9,6 @@ it still owes an edit (:meth:`MessageStore.pending`).
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +16,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from jobs.models import utcnow
+from jobs.sql import SqliteFile
 
 T = TypeVar("T")
 
@@ -42,59 +39,14 @@ class JobMessage:
 
 class MessageStore:
     def __init__(self, path: Path | str) -> None:
-        self._path = str(path)
-        self._lock = threading.Lock()
-        self._db: sqlite_utils.Database | None = None
+        self._file = SqliteFile(path, "the message store", _create_table)
+        self._run = self._file.run
 
     async def open(self) -> None:
-        await asyncio.to_thread(self._open)
-
-    def _open(self) -> None:
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite_utils.Database(sqlite3.connect(self._path, check_same_thread=False))
-        if self._path != ":memory:":
-            db.enable_wal()
-        db.execute("PRAGMA busy_timeout = 5000")
-        if TABLE not in db.table_names():
-            db.table(TABLE).create(
-                {
-                    "job_id": str,
-                    "channel_id": int,
-                    "message_id": int,
-                    "guild_id": int,
-                    "user_id": int,
-                    "attachment_limit": int,
-                    "done": int,
-                    "created_at": str,
-                },
-                pk="job_id",
-                not_null={"channel_id", "message_id", "done"},
-            )
-            db.table(TABLE).create_index(["done"])
-            db.table(TABLE).create_index(["message_id"])
-        self._db = db
+        await self._file.open()
 
     async def close(self) -> None:
-        """Close the connection, after the call in flight (a cancelled caller's thread
-        still runs: closing under it would crash sqlite3)."""
-
-        def close() -> None:
-            with self._lock:
-                db, self._db = self._db, None
-                if db is not None:
-                    db.conn.close()
-
-        await asyncio.to_thread(close)
-
-    async def _run(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
-        def locked() -> T:
-            if self._db is None:
-                raise RuntimeError("the message store is not open")
-            with self._lock:
-                return fn(self._db)
-
-        return await asyncio.to_thread(locked)
+        await self._file.close()
 
     async def save(self, message: JobMessage) -> None:
         row = {
@@ -109,7 +61,7 @@ class MessageStore:
         }
 
         def save(db: sqlite_utils.Database) -> None:
-            with db.conn:
+            with db.atomic():
                 db.table(TABLE).upsert(row, pk="job_id")
 
         await self._run(save)
@@ -123,7 +75,7 @@ class MessageStore:
 
     async def mark_done(self, job_id: str) -> None:
         def mark(db: sqlite_utils.Database) -> None:
-            with db.conn:
+            with db.atomic():
                 db.execute(f"UPDATE {TABLE} SET done = 1 WHERE job_id = ?", [job_id])
 
         await self._run(mark)
@@ -137,35 +89,6 @@ class MessageStore:
             ]
         )
 
-    async def queue_depth(self) -> list[tuple[str, str, int]]:
-        """``(lane, status, jobs)`` for the jobs queued or running in the ledger's file."""
-
-        def depth(db: sqlite_utils.Database) -> list[tuple[str, str, int]]:
-            if "jobs" not in db.table_names():
-                return []
-            rows = db.execute(
-                "SELECT lane, status, COUNT(*) FROM jobs WHERE status IN ('queued', 'running') "
-                "GROUP BY lane, status ORDER BY lane, status"
-            ).fetchall()
-            return [(str(lane), str(status), int(count)) for lane, status, count in rows]
-
-        return await self._run(depth)
-
-    async def running(self, limit: int = 10) -> list[tuple[str, str | None, str]]:
-        """``(job_id, tenant, workflow)`` of jobs rendering now, oldest first."""
-
-        def running(db: sqlite_utils.Database) -> list[tuple[str, str | None, str]]:
-            if "jobs" not in db.table_names():
-                return []
-            rows = db.execute(
-                "SELECT job_id, tenant, workflow FROM jobs WHERE status = 'running' "
-                "ORDER BY created_at LIMIT ?",
-                [limit],
-            ).fetchall()
-            return [(str(j), t if t is None else str(t), str(w)) for j, t, w in rows]
-
-        return await self._run(running)
-
 
 def _message(row: dict[str, Any]) -> JobMessage:
     return JobMessage(
@@ -177,3 +100,23 @@ def _message(row: dict[str, Any]) -> JobMessage:
         attachment_limit=int(row["attachment_limit"] or 0),
         done=bool(row["done"]),
     )
+
+
+def _create_table(db: sqlite_utils.Database) -> None:
+    if TABLE not in db.table_names():
+        db.table(TABLE).create(
+            {
+                "job_id": str,
+                "channel_id": int,
+                "message_id": int,
+                "guild_id": int,
+                "user_id": int,
+                "attachment_limit": int,
+                "done": int,
+                "created_at": str,
+            },
+            pk="job_id",
+            not_null={"channel_id", "message_id", "done"},
+        )
+        db.table(TABLE).create_index(["done"])
+        db.table(TABLE).create_index(["message_id"])

@@ -11,10 +11,7 @@ sqlite3 blocks, so every call runs in a worker thread, one at a time.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +30,7 @@ from jobs.models import (
     parse_event,
     utcnow,
 )
-from jobs.sql import insert_row
+from jobs.sql import SqliteFile, insert_row
 
 T = TypeVar("T")
 
@@ -56,77 +53,14 @@ class Ledger:
     """The jobs table and its history, in one SQLite file (``:memory:`` for tests)."""
 
     def __init__(self, path: Path | str) -> None:
-        self._path = str(path)
-        self._lock = threading.Lock()
-        self._db: sqlite_utils.Database | None = None
+        self._file = SqliteFile(path, "the ledger", _create_tables)
+        self._run = self._file.run
 
     async def open(self) -> None:
-        await asyncio.to_thread(self._open)
-
-    def _open(self) -> None:
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self._path, check_same_thread=False)
-        db = sqlite_utils.Database(connection)
-        if self._path != ":memory:":
-            db.enable_wal()
-            # WAL with NORMAL stays consistent on a crash; a power cut may lose the last
-            # commits, and the broker still holds those jobs.
-            db.execute("PRAGMA synchronous = NORMAL")
-        db.execute("PRAGMA busy_timeout = 5000")
-        if "jobs" not in db.table_names():
-            db.table("jobs").create(
-                {
-                    "job_id": str,
-                    "idempotency_key": str,
-                    "status": str,
-                    "published": int,
-                    "workflow": str,
-                    "lane": str,
-                    "prompt": str,
-                    "frontend": str,
-                    "tenant": str,
-                    "user": str,
-                    "attempt": int,
-                    "worker_id": str,
-                    "job_json": str,
-                    "terminal_json": str,
-                    "created_at": str,
-                    "updated_at": str,
-                },
-                pk="job_id",
-                not_null={"idempotency_key", "status", "job_json", "created_at"},
-            )
-            db.table("jobs").create_index(["idempotency_key"], unique=True)
-            db.table("jobs").create_index(["status", "lane", "created_at"])
-            db.table("job_history").create(
-                {"id": int, "job_id": str, "status": str, "at": str, "detail": str},
-                pk="id",
-                foreign_keys=[("job_id", "jobs", "job_id")],
-            )
-            db.table("job_history").create_index(["job_id"])
-        quotas.create_tables(db)
-        self._db = db
+        await self._file.open()
 
     async def close(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            # Under the lock: a cancelled caller's thread may still be inside sqlite3, and
-            # closing the connection under it crashes the process.
-            def close() -> None:
-                with self._lock:
-                    db.conn.close()
-
-            await asyncio.to_thread(close)
-
-    async def _run(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
-        def locked() -> T:
-            if self._db is None:
-                raise RuntimeError("the ledger is not open")
-            with self._lock:
-                return fn(self._db)
-
-        return await asyncio.to_thread(locked)
+        await self._file.close()
 
     async def admit(
         self, job: Job, quota: quotas.QuotaSettings | None = None
@@ -227,6 +161,48 @@ class Ledger:
                 )
             ]
         )
+
+    async def running(self, limit: int = 10) -> list[JobRecord]:
+        """Jobs rendering now, of every tenant, oldest first."""
+        return await self._run(
+            lambda db: [
+                _record(row)
+                for row in db.table("jobs").rows_where(
+                    "status = ?", [JobStatus.RUNNING.value], order_by="created_at", limit=limit
+                )
+            ]
+        )
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        """Jobs queued and running, by ``(lane, status)``."""
+
+        def count(db: sqlite_utils.Database) -> dict[tuple[str, str], int]:
+            rows = db.execute(
+                "SELECT lane, status, COUNT(*) FROM jobs WHERE status IN (?, ?) "
+                "GROUP BY lane, status",
+                [JobStatus.QUEUED.value, JobStatus.RUNNING.value],
+            ).fetchall()
+            return {(str(lane), str(status)): int(n) for lane, status, n in rows}
+
+        return await self._run(count)
+
+    async def recent(
+        self, tenant: str, *, frontend: str, limit: int, status: JobStatus | None = None
+    ) -> list[JobRecord]:
+        """A tenant's jobs from one frontend, newest first."""
+
+        def read(db: sqlite_utils.Database) -> list[JobRecord]:
+            where = "frontend = ? AND tenant = ?"
+            params: list[Any] = [frontend, tenant]
+            if status is not None:
+                where += " AND status = ?"
+                params.append(status.value)
+            rows = db.table("jobs").rows_where(
+                where, params, order_by="created_at DESC", limit=limit
+            )
+            return [_record(row) for row in rows]
+
+        return await self._run(read)
 
     async def history(self, job_id: str) -> list[tuple[JobStatus, str, str | None]]:
         return await self._run(
@@ -336,6 +312,41 @@ class Ledger:
                 return quotas.reset_user(db, tenant, user, utcnow())
 
         return await self._run(reset)
+
+
+def _create_tables(db: sqlite_utils.Database) -> None:
+    if "jobs" not in db.table_names():
+        db.table("jobs").create(
+            {
+                "job_id": str,
+                "idempotency_key": str,
+                "status": str,
+                "published": int,
+                "workflow": str,
+                "lane": str,
+                "prompt": str,
+                "frontend": str,
+                "tenant": str,
+                "user": str,
+                "attempt": int,
+                "worker_id": str,
+                "job_json": str,
+                "terminal_json": str,
+                "created_at": str,
+                "updated_at": str,
+            },
+            pk="job_id",
+            not_null={"idempotency_key", "status", "job_json", "created_at"},
+        )
+        db.table("jobs").create_index(["idempotency_key"], unique=True)
+        db.table("jobs").create_index(["status", "lane", "created_at"])
+        db.table("job_history").create(
+            {"id": int, "job_id": str, "status": str, "at": str, "detail": str},
+            pk="id",
+            foreign_keys=[("job_id", "jobs", "job_id")],
+        )
+        db.table("job_history").create_index(["job_id"])
+    quotas.create_tables(db)
 
 
 def _history(

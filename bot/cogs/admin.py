@@ -183,9 +183,9 @@ class Admin(commands.Cog):
     @admin_only()
     async def queue_status(self, interaction: discord.Interaction[BrigadeBot]) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        depth = await self.bot.messages.queue_depth()
+        ledger = self.bot.front.ledger
         counts: dict[str, dict[str, int]] = {lane: {} for lane in self.bot.front.admission.lanes}
-        for lane, status, jobs in depth:
+        for (lane, status), jobs in sorted((await ledger.counts()).items()):
             counts.setdefault(lane, {})[status] = jobs
         lines = ["**Lanes**"]
         for lane, by_status in counts.items():
@@ -193,10 +193,10 @@ class Admin(commands.Cog):
                 f"`{lane}`: {by_status.get('queued', 0)} waiting, "
                 f"{by_status.get('running', 0)} rendering"
             )
-        running = await self.bot.messages.running()
+        running = await ledger.running()
         if running:
             lines.append("**Rendering**")
-            lines += [f"`{job_id}` ({workflow})" for job_id, _, workflow in running]
+            lines += [f"`{r.job.job_id}` ({r.job.workflow})" for r in running]
         lines.append(self._workers_text())
         await self._answer(interaction, "\n".join(lines))
 
