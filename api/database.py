@@ -16,7 +16,7 @@ from typing import TypeVar
 import sqlite_utils
 
 from jobs.models import utcnow
-from jobs.sql import SqliteFile, insert_row
+from jobs.sql import SqliteFile, immediate, insert_row
 
 T = TypeVar("T")
 
@@ -55,7 +55,7 @@ class ApiDatabase:
         stored one (which may be another request's)."""
 
         def write(db: sqlite_utils.Database) -> str:
-            with db.atomic():
+            with immediate(db):
                 existing = db.execute(
                     "SELECT fingerprint FROM api_requests WHERE idempotency_key = ?",
                     [idempotency_key],
@@ -78,7 +78,7 @@ class ApiDatabase:
 
 
 def _create_tables(db: sqlite_utils.Database) -> None:
-    with db.atomic():
+    with immediate(db):
         db.execute(
             "CREATE TABLE IF NOT EXISTS api_keys ("
             " key_id TEXT PRIMARY KEY,"

@@ -29,7 +29,7 @@ import sqlite_utils
 
 from api.database import ApiDatabase
 from jobs.models import utcnow
-from jobs.sql import insert_row
+from jobs.sql import immediate, insert_row
 
 KEY_PREFIX = "brg_"
 #: Tenants are names people type: ``acme``, ``team-7``, ``local``.
@@ -90,7 +90,7 @@ class KeyStore:
         created = utcnow()
 
         def insert(db: sqlite_utils.Database) -> None:
-            with db.atomic():
+            with immediate(db):
                 insert_row(
                     db,
                     "api_keys",
@@ -141,7 +141,7 @@ class KeyStore:
         now = utcnow().isoformat()
 
         def write(db: sqlite_utils.Database) -> ApiKey | None:
-            with db.atomic():
+            with immediate(db):
                 db.execute(
                     "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                     [now, key_id],

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from jobs.models import utcnow
-from jobs.sql import SqliteFile
+from jobs.sql import SqliteFile, immediate
 
 T = TypeVar("T")
 
@@ -61,7 +61,7 @@ class MessageStore:
         }
 
         def save(db: sqlite_utils.Database) -> None:
-            with db.atomic():
+            with immediate(db):
                 db.table(TABLE).upsert(row, pk="job_id")
 
         await self._run(save)
@@ -75,7 +75,7 @@ class MessageStore:
 
     async def mark_done(self, job_id: str) -> None:
         def mark(db: sqlite_utils.Database) -> None:
-            with db.atomic():
+            with immediate(db):
                 db.execute(f"UPDATE {TABLE} SET done = 1 WHERE job_id = ?", [job_id])
 
         await self._run(mark)

@@ -30,7 +30,7 @@ from jobs.models import (
     parse_event,
     utcnow,
 )
-from jobs.sql import SqliteFile, insert_row
+from jobs.sql import SqliteFile, immediate, insert_row
 
 T = TypeVar("T")
 
@@ -76,7 +76,7 @@ class Ledger:
             moment = utcnow()
             now = moment.isoformat()
             try:
-                with db.atomic():
+                with immediate(db):
                     insert_row(
                         db,
                         "jobs",
@@ -119,7 +119,7 @@ class Ledger:
         """Remove a job that was never published (its publish failed): nothing is left."""
 
         def delete(db: sqlite_utils.Database) -> None:
-            with db.atomic():
+            with immediate(db):
                 db.execute("DELETE FROM job_history WHERE job_id = ?", [job_id])
                 db.execute("DELETE FROM jobs WHERE job_id = ? AND published = 0", [job_id])
 
@@ -242,7 +242,7 @@ class Ledger:
 
         def apply(db: sqlite_utils.Database) -> bool:
             now = utcnow().isoformat()
-            with db.atomic():
+            with immediate(db):
                 rows = list(db.table("jobs").rows_where("job_id = ?", [event.job_id]))
                 if not rows or JobStatus(rows[0]["status"]).terminal:
                     return False
@@ -289,7 +289,7 @@ class Ledger:
 
         def update(db: sqlite_utils.Database) -> quotas.QuotaSettings:
             settings = quotas.merged(quotas.settings_for(db, tenant, defaults), changes)
-            with db.atomic():
+            with immediate(db):
                 quotas.store_settings(db, tenant, settings)
             return settings
 
@@ -308,7 +308,7 @@ class Ledger:
         """Give ``user`` today's images back. Returns how many."""
 
         def reset(db: sqlite_utils.Database) -> int:
-            with db.atomic():
+            with immediate(db):
                 return quotas.reset_user(db, tenant, user, utcnow())
 
         return await self._run(reset)
@@ -372,5 +372,5 @@ def _record(row: dict[str, Any]) -> JobRecord:
 
 
 def _write(db: sqlite_utils.Database, sql: str, *params: Any) -> None:
-    with db.atomic():
+    with immediate(db):
         db.execute(sql, list(params))

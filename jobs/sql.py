@@ -8,9 +8,10 @@ one at a time under a lock. WAL lets the connections read while one writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,3 +79,20 @@ def insert_row(db: sqlite_utils.Database, table: str, row: dict[str, Any]) -> No
     columns = ", ".join(f"[{column}]" for column in row)
     marks = ", ".join("?" for _ in row)
     db.execute(f"INSERT INTO [{table}] ({columns}) VALUES ({marks})", list(row.values()))
+
+
+@contextlib.contextmanager
+def immediate(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """A write transaction that takes the file's write lock at once (``BEGIN IMMEDIATE``).
+
+    Several connections write to the one file (the ledger, the API's tables, the bot's
+    messages). A deferred transaction that reads and then writes cannot wait for another
+    connection's commit: SQLite answers "database is locked" at once. Taking the write
+    lock first lets ``busy_timeout`` do its work."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.conn.rollback()
+        raise
+    db.execute("COMMIT")
