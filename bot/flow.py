@@ -5,6 +5,7 @@ ephemeral reply (``bot.errors``); the commands' error handlers do the same."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -16,7 +17,7 @@ from bot.constants import COUNT_MAX
 from bot.errors import EXPLAINED, NotAllowed, Refused, reply_error
 from bot.messages import JobMessage
 from jobs.admission import Admitted
-from jobs.control import CancelOutcome
+from jobs.control import CancelOutcome, RetryOutcome
 from jobs.models import Job, JobRequest, Origin
 from workflows import UnknownWorkflow
 
@@ -222,3 +223,29 @@ async def cancel_command(
     if outcome is CancelOutcome.ALREADY_FINISHED:
         return f"`{job_id}` already finished."
     return "No such job."
+
+
+async def retry_command(bot: BrigadeBot, interaction: discord.Interaction[Any], job_id: str) -> str:
+    """``/queue retry``: an admin sends a job of their guild (owners: any job) back from
+    the dead-letter queue; its message follows it again."""
+    record = await bot.front.ledger.get(job_id)
+    owner = interaction.user.id in bot.settings.owner_ids
+    if record is None or (not owner and record.job.origin.tenant != str(interaction.guild_id)):
+        return "No such job."
+    outcome = await bot.front.control.retry(job_id, requested_by=f"discord:{interaction.user.id}")
+    if outcome is RetryOutcome.NOT_FAILED:
+        return f"`{job_id}` did not fail ({record.status.value}): there is nothing to retry."
+    if outcome is RetryOutcome.CANCELLED:
+        return f"`{job_id}` was cancelled: ask for it again instead."
+    if outcome is RetryOutcome.NOT_DEAD:
+        return f"`{job_id}` is not in the dead-letter queue any more: ask for it again instead."
+    if outcome is RetryOutcome.NOT_FOUND:
+        return "No such job."
+    message = await bot.messages.get(job_id)
+    if message is not None:
+        bot.progress.forget(job_id)
+        retried = await bot.front.ledger.get(job_id)
+        if retried is not None:
+            await bot.progress.track(retried.job)
+            await bot.progress.attach(replace(message, done=False))
+    return f"Sent `{job_id}` back to the queue."

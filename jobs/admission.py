@@ -65,6 +65,14 @@ class Admission:
     def lanes(self) -> tuple[str, ...]:
         return self._bus.topology.lanes
 
+    async def depths(self) -> dict[str, int]:
+        """Jobs waiting in each lane's queue at the broker, every frontend's included
+        (not those a renderer already holds)."""
+        topology = self._bus.topology
+        return {
+            lane: await self._bus.broker.depth(topology.lane_queue(lane)) for lane in self.lanes
+        }
+
     def validate(
         self,
         request: JobRequest,

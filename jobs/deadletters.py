@@ -10,6 +10,9 @@ the second ``failed`` if both arrive, so the user sees one.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import structlog
 from pydantic import ValidationError
 
@@ -22,6 +25,44 @@ log = structlog.get_logger(__name__)
 
 #: ``worker_id`` of events the system itself publishes, not a renderer.
 SYSTEM_WORKER = "brigade"
+#: Dead jobs looked at, at most, to find one to retry.
+DEAD_SCAN_LIMIT = 10_000
+
+
+@asynccontextmanager
+async def take_dead(
+    bus: JobBus, job_id: str, *, limit: int = DEAD_SCAN_LIMIT
+) -> AsyncIterator[Job | None]:
+    """Find ``job_id`` in the dead-letter queue and hold it while the body runs.
+
+    Yields the dead job (or None when it is not there). The scan holds every message it
+    looked at unsettled; when the body returns, the found one is acked (it left the queue
+    for good) and the others go back; when the body raises, all go back, so a retry that
+    could not be published leaves the job where it was.
+    """
+    held: list[Delivery] = []
+    found: Delivery | None = None
+    job: Job | None = None
+    try:
+        for _ in range(limit):
+            delivery = await bus.broker.get(bus.topology.dead_letter_queue)
+            if delivery is None:
+                break
+            held.append(delivery)
+            try:
+                candidate = Job.from_wire(delivery.body)
+            except ValidationError:
+                continue
+            if candidate.job_id == job_id:
+                found, job = delivery, candidate
+                break
+        yield job
+        if found is not None:
+            await found.ack()
+    finally:
+        for delivery in reversed(held):
+            if not delivery.settled:
+                await delivery.requeue()
 
 
 class DeadLetterNotifier:
@@ -52,7 +93,7 @@ class DeadLetterNotifier:
         attempts = self._bus.topology.delivery_limit + 1
         event = Failed(
             job_id=job.job_id,
-            attempt=attempts,
+            attempt=job.attempt(attempts - 1, attempts - 1),
             worker_id=SYSTEM_WORKER,
             seq=0,
             reason=FailureReason.INTERNAL,

@@ -110,6 +110,28 @@ class Ledger:
 
         return await self._run(insert)
 
+    async def reopen(self, job: Job, detail: str) -> bool:
+        """Put a failed job back to ``queued`` (unpublished) for an admin's retry, as
+        ``job`` (its ``retries`` counted up), its images reserved again. False when the
+        job is unknown here or did not fail."""
+
+        def reopen(db: sqlite_utils.Database) -> bool:
+            now = utcnow().isoformat()
+            with immediate(db):
+                rows = list(db.table("jobs").rows_where("job_id = ?", [job.job_id]))
+                if not rows or rows[0]["status"] != JobStatus.FAILED.value:
+                    return False
+                db.execute(
+                    "UPDATE jobs SET status = ?, published = 0, attempt = NULL, worker_id = NULL,"
+                    " terminal_json = NULL, job_json = ?, updated_at = ? WHERE job_id = ?",
+                    [JobStatus.QUEUED.value, job.model_dump_json(), now, job.job_id],
+                )
+                quotas.reserve_again(db, job.job_id)
+                _history(db, job.job_id, JobStatus.QUEUED, now, detail)
+                return True
+
+        return await self._run(reopen)
+
     async def mark_published(self, job_id: str) -> None:
         await self._run(
             lambda db: _write(db, "UPDATE jobs SET published = 1 WHERE job_id = ?", job_id)

@@ -103,6 +103,14 @@ class Job(_Wire):
     origin: Origin = Field(default_factory=Origin)
     idempotency_key: StrictStr
     created_at: datetime = Field(default_factory=utcnow)
+    #: Times an admin sent it back from the dead-letter queue. Attempts keep counting up
+    #: across retries (see :meth:`attempt`), so a frontend never takes a retry's events
+    #: for stale frames of the first run.
+    retries: Annotated[StrictInt, Field(ge=0)] = 0
+
+    def attempt(self, delivery_count: int, delivery_limit: int) -> int:
+        """The attempt number of a delivery: 1 for the first, growing across retries."""
+        return self.retries * (delivery_limit + 1) + delivery_count + 1
 
     @property
     def prompt(self) -> str:

@@ -339,6 +339,15 @@ def settle(db: sqlite_utils.Database, job_id: str, *, charged: bool) -> None:
     )
 
 
+def reserve_again(db: sqlite_utils.Database, job_id: str) -> None:
+    """An admin retries a job that was refunded: it holds its images again, whatever the
+    limits say now (the admin decided)."""
+    db.execute(
+        "UPDATE reservations SET state = 'reserved' WHERE job_id = ? AND state = 'refunded'",
+        [job_id],
+    )
+
+
 def reset_user(db: sqlite_utils.Database, tenant: str, user: str, now: datetime) -> int:
     """Give a user today's images back (``/quota reset``). Returns how many."""
     start, end, _ = day_bounds(now)

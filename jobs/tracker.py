@@ -122,6 +122,12 @@ class JobTracker:
         with suppress(ValueError):
             self._listeners.remove(listener)
 
+    def reopen(self, job_id: str) -> None:
+        """Forget that ``job_id`` ended: an admin retried it, its new events are news."""
+        self._finished.pop(job_id, None)
+        self._last.pop(job_id, None)
+        self._recent.pop(job_id, None)
+
     async def wait(self, job_id: str, timeout: float) -> Succeeded | Failed:
         """The job's terminal event, from the ledger or as it arrives."""
         async with asyncio.timeout(timeout):

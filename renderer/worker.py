@@ -381,8 +381,9 @@ class Worker:
             log.error("job.unreadable", message_id=delivery.message_id, error=str(exc)[:500])
             await delivery.dead_letter()
             return
-        attempt = delivery.delivery_count + 1
-        last = delivery.delivery_count >= self._bus.topology.delivery_limit
+        limit = self._bus.topology.delivery_limit
+        attempt = job.attempt(delivery.delivery_count, limit)
+        last = delivery.delivery_count >= limit
         structlog.contextvars.bind_contextvars(
             job_id=job.job_id, attempt=attempt, worker_id=self.worker_id
         )

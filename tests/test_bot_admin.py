@@ -9,6 +9,8 @@ import pytest
 
 from bot.cogs.admin import parse_quota_value
 from bot.errors import Refused
+from renderer.backends.base import RenderResult, RenderTask, Reporter
+from renderer.exceptions import OutOfMemoryExhausted
 from tests.emulators.discord import DiscordEmulator
 from tests.fixtures.bot import bot_world
 
@@ -22,6 +24,7 @@ async def test_a_member_cannot_use_admin_commands(
                 "quota", {"field": "max_count", "value": "1"}, user=world.user, subcommand="set"
             ),
             await world.command("queue", {"job": "x"}, user=world.user, subcommand="cancel"),
+            await world.command("queue", {"job": "x"}, user=world.user, subcommand="retry"),
             await world.command("workers", user=world.user),
         ]
         quota = await bot.front.ledger.quota(str(world.guild.id), bot.front.quota_defaults)
@@ -76,7 +79,7 @@ async def test_usage_queue_status_workers_and_reset(
         after = await world.answer(await world.command("usage", user=world.user))
 
     assert usage.ephemeral and "99 for you (1 used)" in usage.content
-    assert "`fast`: 0 waiting, 0 rendering" in status.content
+    assert "`fast`: 0 waiting, 0 rendering · 0 in the queue from every frontend" in status.content
     assert "`w-test` demo" in workers.content
     assert "1 images back" in reset.content
     assert "`images_per_user_per_day`: 100" in shown.content
@@ -134,3 +137,41 @@ async def test_list_and_purge_the_waiting_jobs(
     assert "first" in listed.content and "second" in listed.content
     assert purged.content == "Cancelled 1 waiting job(s)."
     assert records == {"first": "running"}
+
+
+async def test_retry_sends_a_dead_job_back_and_its_message_follows(
+    discord_emulator: DiscordEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def out_of_memory(task: RenderTask, report: Reporter) -> RenderResult:
+        raise OutOfMemoryExhausted("The GPU ran out of memory, twice.")
+
+    async with bot_world(discord_emulator, tmp_path) as world, world.running() as bot:
+        monkeypatch.setattr(world.app.backend, "render", out_of_memory)
+        interaction = await world.imagine("a lighthouse")
+        message = interaction.original
+        assert message is not None
+        await world.final(message)
+        assert "❌ Failed" in message.content
+        job_id = message.custom_ids()[0].rsplit(":", 1)[-1]
+        monkeypatch.undo()  # the GPU is fine again
+
+        other_guild = await world.answer(
+            await world.command("queue", {"job": "no-such-job"}, subcommand="retry")
+        )
+        retried = await world.answer(
+            await world.command("queue", {"job": job_id}, subcommand="retry")
+        )
+        await discord_emulator.wait_until(
+            lambda: "✅ Done" in message.content, 10, "the retried job's result"
+        )
+        again = await world.answer(
+            await world.command("queue", {"job": job_id}, subcommand="retry")
+        )
+        usage = await bot.front.ledger.usage(
+            str(world.guild.id), str(world.user.id), bot.front.quota_defaults
+        )
+
+    assert other_guild.content == "No such job."
+    assert retried.ephemeral and f"Sent `{job_id}` back to the queue." in retried.content
+    assert "did not fail (succeeded)" in again.content
+    assert (usage.user_images_today, usage.user_in_flight) == (1, 0)

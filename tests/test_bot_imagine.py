@@ -165,14 +165,51 @@ async def test_a_failed_job_says_why_and_costs_nothing(
 
 
 async def test_invalid_options_are_listed_privately(
-    discord_emulator: DiscordEmulator, tmp_path: Path
+    discord_emulator: DiscordEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("AMQP_LANES", "fast,relax")
     async with bot_world(discord_emulator, tmp_path) as world, world.running():
         interaction = await world.imagine("a lighthouse", lane="nowhere")
         answer = await world.answer(interaction)
 
     assert answer.ephemeral
     assert "lane: 'nowhere' is not a lane" in answer.content
+
+
+async def test_the_lane_option_is_there_only_with_several_lanes(
+    discord_emulator: DiscordEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with bot_world(discord_emulator, tmp_path / "one") as world, world.running():
+        one = discord_emulator.commands[world.guild.id]
+        single = {o["name"] for c in one.values() if c["name"] == "imagine" for o in c["options"]}
+
+    monkeypatch.setenv("AMQP_LANES", "fast,relax")
+    async with bot_world(discord_emulator, tmp_path / "two") as world, world.running() as bot:
+        two = discord_emulator.commands[world.guild.id]
+        several = {o["name"] for c in two.values() if c["name"] == "imagine" for o in c["options"]}
+        front = bot.front
+        await front.ledger.set_quota(
+            str(world.guild.id), {"lanes": ["relax"]}, front.quota_defaults
+        )
+        offered = await discord_emulator.send_autocomplete(
+            world.guild.id,
+            world.channel_id,
+            world.user.id,
+            "imagine",
+            {"prompt": "x", "lane": ""},
+            focused="lane",
+        )
+        await offered.wait_response()
+        refused = await world.answer(await world.imagine("a lighthouse", lane="fast"))
+        taken = await world.imagine("a lighthouse", lane="relax")
+        assert taken.original is not None
+        await world.final(taken.original)
+
+    assert "lane" not in single and "prompt" in single
+    assert "lane" in several
+    assert [c["value"] for c in offered.choices] == ["relax"]
+    assert refused.ephemeral and "fast" in refused.content
+    assert "✅ Done" in taken.original.content
 
 
 async def _job_of(ledger: Ledger, custom_id: str) -> str:

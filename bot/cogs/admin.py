@@ -17,6 +17,7 @@ from bot.cards import NO_MENTIONS
 from bot.client import BrigadeBot
 from bot.errors import NotAllowed, Refused, reply_error
 from jobs.control import CancelOutcome
+from jobs.exceptions import JobsError
 from jobs.quotas import EVERYONE, QuotaSettings
 
 #: ``/quota set`` fields that hold a number (``none`` lifts the limit).
@@ -187,12 +188,28 @@ class Admin(commands.Cog):
         counts: dict[str, dict[str, int]] = {lane: {} for lane in self.bot.front.admission.lanes}
         for (lane, status), jobs in sorted((await ledger.counts()).items()):
             counts.setdefault(lane, {})[status] = jobs
+        try:
+            depths: dict[str, int] | None = await self.bot.front.admission.depths()
+        except JobsError:
+            depths = None
+        busy = [b for b in self.bot.front.workers.workers() if b.state.value != "stopped"]
         lines = ["**Lanes**"]
         for lane, by_status in counts.items():
-            lines.append(
+            line = (
                 f"`{lane}`: {by_status.get('queued', 0)} waiting, "
                 f"{by_status.get('running', 0)} rendering"
             )
+            if depths is not None:
+                waiting = depths.get(lane, 0)
+                serving = sum(1 for beat in busy if lane in beat.lanes)
+                line += f" · {waiting} in the queue from every frontend"
+                if waiting and serving:
+                    eta = self.bot.progress.eta(-(-waiting // serving))
+                    if eta is not None:
+                        line += f", the last starts <t:{int(eta.timestamp())}:R>"
+                elif waiting:
+                    line += ", no worker serves it"
+            lines.append(line)
         running = await ledger.running()
         if running:
             lines.append("**Rendering**")
@@ -209,6 +226,17 @@ class Admin(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         await self._answer(
             interaction, await flow.cancel_command(self.bot, interaction, job.strip())
+        )
+
+    @queue.command(name="retry", description="Send a failed job back from the dead-letter queue")
+    @app_commands.describe(job="The job's ticket")
+    @admin_only()
+    async def queue_retry(
+        self, interaction: discord.Interaction[BrigadeBot], job: app_commands.Range[str, 1, 64]
+    ) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await self._answer(
+            interaction, await flow.retry_command(self.bot, interaction, job.strip())
         )
 
     @queue.command(name="list", description="This server's jobs waiting and rendering")

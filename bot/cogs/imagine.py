@@ -91,9 +91,25 @@ class WorkflowTransformer(app_commands.Transformer):
             ) from exc
 
 
+async def allowed_lanes(bot: BrigadeBot, guild_id: int | None) -> list[str]:
+    """The lanes this guild may use, in the deployment's order."""
+    lanes = list(bot.front.admission.lanes)
+    if guild_id is None:
+        return lanes
+    quota = await bot.front.ledger.quota(str(guild_id), bot.front.quota_defaults)
+    return lanes if quota.lanes is None else [lane for lane in lanes if lane in quota.lanes]
+
+
 class Imagine(commands.Cog):
     def __init__(self, bot: BrigadeBot) -> None:
         self.bot = bot
+
+    async def cog_load(self) -> None:
+        # Slash commands are registered once for every guild, so an option cannot come
+        # and go per guild; with one lane in the whole deployment there is nothing to
+        # choose, and the option is left out (it suggests only a guild's own lanes).
+        if len(self.bot.front.admission.lanes) < 2:
+            self.imagine._params.pop("lane", None)
 
     async def default_workflow(self, guild_id: int | None) -> str:
         allowed = await allowed_workflows(self.bot, guild_id)
@@ -152,7 +168,7 @@ class Imagine(commands.Cog):
     async def lane_choices(
         self, interaction: discord.Interaction[BrigadeBot], current: str
     ) -> list[app_commands.Choice[str]]:
-        lanes = self.bot.front.admission.lanes
+        lanes = await allowed_lanes(self.bot, interaction.guild_id)
         return [app_commands.Choice(name=lane, value=lane) for lane in lanes if current in lane][
             :MAX_CHOICES
         ]
