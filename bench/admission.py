@@ -31,6 +31,7 @@ from jobs.bus import JobBus
 from jobs.ledger import Ledger
 from jobs.models import JobRequest, Origin
 from jobs.rabbitmq import RabbitBroker
+from jobs.settings import FairSettings
 from jobs.topology import build_topology
 from workflows import Catalog
 
@@ -72,7 +73,11 @@ async def main(jobs: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         ledger = Ledger(Path(folder) / "ledger.sqlite3")
         await ledger.open()
-        admission = Admission(Catalog.load(), ledger, JobBus(broker))
+        # A window no load here fills: every job is released (published) at once, so
+        # this measures validate + quota + ledger + confirmed publish, as before fair
+        # release; a job held by fair release costs less (no publish).
+        fair = FairSettings(_env_file=None, window_min=100_000)
+        admission = Admission(Catalog.load(), ledger, JobBus(broker), fair=fair)
         sample = admission.validate(
             JobRequest(workflow="sd15-txt2img", prompt="a lighthouse at dusk #0", seed=0),
             idempotency_key="sample",

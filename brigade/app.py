@@ -30,10 +30,11 @@ from jobs.deadletters import DeadLetterNotifier
 from jobs.health import Check, HealthServer
 from jobs.ledger import Ledger
 from jobs.memory import MemoryBroker, MemoryHub
+from jobs.models import Event
 from jobs.quotas import QuotaDefaults, QuotaSettings
 from jobs.rabbitmq import RabbitBroker
 from jobs.registry import WorkerRegistry
-from jobs.settings import AmqpSettings, LedgerSettings
+from jobs.settings import AmqpSettings, FairSettings, LedgerSettings
 from jobs.tracker import JobTracker
 from renderer.backends import load_backend
 from renderer.backends.base import Backend
@@ -101,10 +102,26 @@ async def frontend(
     await workers.start()
     stack.push_async_callback(workers.stop)
     quota_defaults = QuotaDefaults().settings()
-    admission = Admission(catalog, ledger, bus, backends=backends, quota_defaults=quota_defaults)
+    admission = Admission(
+        catalog,
+        ledger,
+        bus,
+        backends=backends,
+        quota_defaults=quota_defaults,
+        fair=FairSettings(),
+        workers=lambda lane: sum(1 for beat in workers.workers() if lane in beat.lanes),
+    )
     recovered = await admission.recover()
     if recovered:
         log.info("admission.recovered", jobs=recovered)
+    await admission.start()
+    stack.push_async_callback(admission.stop)
+
+    async def wake(event: Event) -> None:
+        if event.persistent:  # a job started or ended: its lane has room again
+            admission.wake()
+
+    tracker.add_listener(wake)
     control = JobControl(bus, ledger, tracker)
     return Frontend(admission, tracker, ledger, catalog, control, workers, quota_defaults)
 

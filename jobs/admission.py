@@ -16,8 +16,10 @@ id, so a job published twice renders once for the user).
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 
 import structlog
@@ -27,6 +29,7 @@ from jobs.exceptions import InvalidRequest, JobsError
 from jobs.ledger import JobRecord, Ledger
 from jobs.models import Job, JobRequest, Origin
 from jobs.quotas import QuotaExceeded, QuotaSettings, check_paused, check_request
+from jobs.settings import FairSettings
 from workflows import Catalog, FieldError, ParameterError, UnknownWorkflow
 
 log = structlog.get_logger(__name__)
@@ -52,6 +55,8 @@ class Admission:
         *,
         backends: Sequence[str] | None = None,
         quota_defaults: QuotaSettings | None = None,
+        fair: FairSettings | None = None,
+        workers: Callable[[str], int] | None = None,
     ) -> None:
         self._catalog = catalog
         #: Limits of tenants without their own; None turns quotas off (the CLI).
@@ -60,6 +65,10 @@ class Admission:
         self._bus = bus
         #: Backends some renderer runs; None = do not check (workers may come later).
         self._backends = set(backends) if backends is not None else None
+        self._fair = fair or FairSettings(_env_file=None)
+        self._workers = workers
+        self._wake = asyncio.Event()
+        self._releaser: asyncio.Task[None] | None = None
 
     @property
     def lanes(self) -> tuple[str, ...]:
@@ -168,40 +177,91 @@ class Admission:
         if not created:  # this key was admitted before: that job is the answer
             return await self._again(record)
         try:
-            await self._publish(job)
+            released = await self.release(job.lane)
         except JobsError:
-            # Not queued, so not admitted: leave nothing behind. (A cancelled submit keeps
-            # its unpublished row instead: the broker may have taken it; recover() decides.)
+            # The broker is not there: not admitted, nothing left behind (a job released
+            # before it failed stays). A cancelled submit keeps its row instead: the broker
+            # may have taken it, and a later release decides.
             await self._ledger.forget(job.job_id)
             raise
+        published = job.job_id in released
         log.info(
             "job.admitted",
             job_id=job.job_id,
             workflow=job.workflow,
             lane=job.lane,
             frontend=origin.frontend,
+            held=not published,
             seconds=round(time.perf_counter() - started, 4),
         )
-        return Admitted(job, True, replace(record, published=True))
+        return Admitted(job, True, replace(record, published=published))
 
     async def _again(self, record: JobRecord) -> Admitted:
-        if not record.published:  # its first submit died before the broker confirmed it
-            await self._publish(record.job)
+        # Held, or its first submit died before the confirm: release what has room.
+        if not record.published and record.job.job_id in await self.release(record.job.lane):
             record = replace(record, published=True)
         return Admitted(record.job, False, record)
 
-    async def _publish(self, job: Job) -> None:
-        await self._bus.submit(job)
-        await self._ledger.mark_published(job.job_id)
+    def window(self, lane: str) -> int:
+        """How many of this frontend's jobs may wait in ``lane``'s queue at once."""
+        workers = self._workers(lane) if self._workers is not None else 0
+        return max(self._fair.window_min, self._fair.window_per_worker * workers)
+
+    async def release(self, lane: str) -> list[str]:
+        """Publish held jobs of ``lane`` in fair order while the window has room; the ids
+        published. Raises :class:`JobsError` when the broker refuses (the job that failed
+        and those after it stay held)."""
+        # No lock: each claim is one SQLite transaction, so concurrent releases (submits
+        # in parallel, the releaser) take different jobs and their publishes overlap.
+        published: list[str] = []
+        while True:
+            claimed = await self._ledger.release(lane, self.window(lane))
+            if not claimed:
+                return published
+            for record in claimed:
+                try:
+                    await self._bus.submit(record.job)
+                except BaseException:
+                    for rest in claimed[claimed.index(record) :]:
+                        await self._ledger.unclaim(rest.job.job_id)
+                    raise
+                await self._ledger.mark_published(record.job.job_id)
+                published.append(record.job.job_id)
+
+    def wake(self) -> None:
+        """Something changed (a job started or ended): release what now has room."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Release held jobs when woken and every ``FAIR_RELEASE_SECONDS`` (workers come
+        and go, other frontends' jobs leave the queue, a claim may have lapsed)."""
+        self._releaser = asyncio.create_task(self._release_forever(), name="fair-release")
+
+    async def stop(self) -> None:
+        task, self._releaser = self._releaser, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _release_forever(self) -> None:
+        while True:
+            with suppress(TimeoutError):
+                async with asyncio.timeout(self._fair.release_seconds):
+                    await self._wake.wait()
+            self._wake.clear()
+            for lane in self.lanes:
+                try:
+                    await self.release(lane)
+                except JobsError as exc:
+                    log.warning("admission.release_failed", lane=lane, error=str(exc))
 
     async def recover(self) -> int:
-        """Publish every job whose publish was never confirmed. Returns how many."""
+        """Publish what a crash left unpublished, and held jobs, as the windows allow.
+        Returns how many."""
         count = 0
-        for record in await self._ledger.unpublished():
+        for lane in self.lanes:
             try:
-                await self._publish(record.job)
+                count += len(await self.release(lane))
             except JobsError as exc:
-                log.warning("job.retry", job_id=record.job.job_id, error=str(exc))
-                continue
-            count += 1
+                log.warning("admission.release_failed", lane=lane, error=str(exc))
         return count

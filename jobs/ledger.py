@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlite_utils
 
 from jobs import quotas
+from jobs.fairness import Tags, Waiting, fair_order
 from jobs.models import (
     Accepted,
     Event,
@@ -33,6 +34,9 @@ from jobs.models import (
 from jobs.sql import SqliteFile, immediate, insert_row
 
 T = TypeVar("T")
+
+#: How long a release's claim on a job holds before another release may take it.
+CLAIM_SECONDS = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +138,50 @@ class Ledger:
 
     async def mark_published(self, job_id: str) -> None:
         await self._run(
-            lambda db: _write(db, "UPDATE jobs SET published = 1 WHERE job_id = ?", job_id)
+            lambda db: _write(
+                db,
+                "UPDATE jobs SET published = 1, claimed_at = NULL, released_at = ? "
+                "WHERE job_id = ?",
+                utcnow().isoformat(),
+                job_id,
+            )
+        )
+
+    async def release(self, lane: str, window: int) -> list[JobRecord]:
+        """Claim the next jobs of ``lane`` to publish, in fair order (``jobs/fairness.py``),
+        so that at most ``window`` of this ledger's jobs wait at the broker. A claim lasts
+        ``CLAIM_SECONDS``: a release that died before its publish was confirmed leaves the
+        job to a later one (the job may then be published twice, which is harmless)."""
+
+        def release(db: sqlite_utils.Database) -> list[JobRecord]:
+            moment = utcnow()
+            with immediate(db):
+                stale = (moment - timedelta(seconds=CLAIM_SECONDS)).isoformat()
+                room = window - _waiting_at_broker(db, lane, stale)
+                if room <= 0:
+                    return []
+                order = fair_order(*_fair_state(db, lane, stale), limit=room)
+                for release in order:
+                    db.execute(
+                        "UPDATE jobs SET claimed_at = ?, tenant_tag = ?, user_tag = ? "
+                        "WHERE job_id = ?",
+                        [moment.isoformat(), release.tenant_tag, release.user_tag, release.job_id],
+                    )
+                    db.execute(
+                        "INSERT INTO fair_tags (lane, tenant, user, tenant_tag, user_tag) "
+                        "SELECT lane, COALESCE(tenant, ''), COALESCE(user, ''), ?, ? FROM jobs "
+                        "WHERE job_id = ? ON CONFLICT (lane, tenant, user) DO UPDATE SET "
+                        "tenant_tag = excluded.tenant_tag, user_tag = excluded.user_tag",
+                        [release.tenant_tag, release.user_tag, release.job_id],
+                    )
+                return [_record(db.table("jobs").get(release.job_id)) for release in order]
+
+        return await self._run(release)
+
+    async def unclaim(self, job_id: str) -> None:
+        """A claimed job could not be published: the next release may take it again."""
+        await self._run(
+            lambda db: _write(db, "UPDATE jobs SET claimed_at = NULL WHERE job_id = ?", job_id)
         )
 
     async def forget(self, job_id: str) -> None:
@@ -235,18 +282,29 @@ class Ledger:
         )
 
     async def position(self, job_id: str) -> int | None:
-        """1 + the number of queued jobs of the same lane admitted before it, or None."""
+        """Where a queued job stands in its lane among this ledger's jobs, 1 = next, or
+        None when it is not queued: a released job counts the ones released before it;
+        a held one counts every released job and the held ones the fair order puts
+        before it."""
 
         def position(db: sqlite_utils.Database) -> int | None:
             rows = list(db.table("jobs").rows_where("job_id = ?", [job_id]))
             if not rows or rows[0]["status"] != JobStatus.QUEUED.value:
                 return None
             row = rows[0]
-            ahead = db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE status = ? AND lane = ? AND created_at < ?",
-                [JobStatus.QUEUED.value, row["lane"], row["created_at"]],
-            ).fetchone()[0]
-            return int(ahead) + 1
+            if row["published"]:
+                ahead = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE status = ? AND lane = ? AND published = 1 "
+                    "AND COALESCE(released_at, created_at) < ?",
+                    [
+                        JobStatus.QUEUED.value,
+                        row["lane"],
+                        row["released_at"] or row["created_at"],
+                    ],
+                ).fetchone()[0]
+                return int(ahead) + 1
+            order = fair_order(*_fair_state(db, row["lane"]), until=job_id)
+            return _waiting_at_broker(db, row["lane"]) + len(order)
 
         return await self._run(position)
 
@@ -368,7 +426,68 @@ def _create_tables(db: sqlite_utils.Database) -> None:
             foreign_keys=[("job_id", "jobs", "job_id")],
         )
         db.table("job_history").create_index(["job_id"])
+    jobs = db.table("jobs")
+    added: dict[str, type] = {
+        "claimed_at": str,
+        "released_at": str,
+        "tenant_tag": int,
+        "user_tag": int,
+    }
+    for column, kind in added.items():  # fair release (jobs/fairness.py)
+        if column not in jobs.columns_dict:
+            jobs.add_column(column, kind)
+    indexes = {index.name for index in jobs.indexes}
+    if "idx_jobs_fair" not in indexes:
+        jobs.create_index(["lane", "status", "published"], index_name="idx_jobs_fair")
+    if "fair_tags" not in db.table_names():
+        # The last tags released per lane, tenant and user: the fair order's memory, one
+        # small row per user (jobs/fairness.py).
+        db.table("fair_tags").create(
+            {"lane": str, "tenant": str, "user": str, "tenant_tag": int, "user_tag": int},
+            pk=("lane", "tenant", "user"),
+        )
     quotas.create_tables(db)
+
+
+def _waiting_at_broker(db: sqlite_utils.Database, lane: str, stale: str | None = None) -> int:
+    """This ledger's jobs of ``lane`` published (or claimed since ``stale``: being
+    published now) and not yet taken by a renderer."""
+    claimed = "" if stale is None else " OR claimed_at >= ?"
+    row = db.execute(
+        f"SELECT COUNT(*) FROM jobs WHERE lane = ? AND status = ? AND (published = 1{claimed})",
+        [lane, JobStatus.QUEUED.value, *([] if stale is None else [stale])],
+    ).fetchone()
+    return int(row[0])
+
+
+def _fair_state(
+    db: sqlite_utils.Database, lane: str, stale: str | None = None
+) -> tuple[list[Waiting], Tags]:
+    """What :func:`~jobs.fairness.fair_order` needs for ``lane``: the held jobs (with
+    ``stale``, claimed ones only when their claim is older), and the tags releases left."""
+    claimable = "" if stale is None else " AND (claimed_at IS NULL OR claimed_at < ?)"
+    waiting = [
+        Waiting(job_id, tenant or "", user or "", created_at)
+        for job_id, tenant, user, created_at in db.execute(
+            "SELECT job_id, tenant, user, created_at FROM jobs "
+            f"WHERE lane = ? AND status = ? AND published = 0{claimable}",
+            [lane, JobStatus.QUEUED.value, *([] if stale is None else [stale])],
+        ).fetchall()
+    ]
+    if not waiting:
+        return waiting, Tags(0, {}, {}, {})
+    tenant_last: dict[str, int] = {}
+    tenant_clock: dict[str, int] = {}
+    user_last: dict[tuple[str, str], int] = {}
+    for tenant, user, last_tenant_tag, last_user_tag in db.execute(
+        "SELECT tenant, user, tenant_tag, user_tag FROM fair_tags WHERE lane = ?", [lane]
+    ).fetchall():
+        key = (str(tenant), str(user))
+        user_last[key] = int(last_user_tag)
+        tenant_last[key[0]] = max(tenant_last.get(key[0], 0), int(last_tenant_tag))
+        tenant_clock[key[0]] = max(tenant_clock.get(key[0], 0), int(last_user_tag))
+    lane_clock = max(tenant_last.values(), default=0)
+    return waiting, Tags(lane_clock, tenant_last, tenant_clock, user_last)
 
 
 def _history(

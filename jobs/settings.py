@@ -52,6 +52,22 @@ class AmqpSettings(BaseSettings):
         return build_topology(self.lanes, prefix=self.prefix, delivery_limit=self.delivery_limit)
 
 
+class FairSettings(BaseSettings):
+    """How a frontend releases its jobs to the broker (``jobs/fairness.py``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FAIR_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
+
+    #: Jobs of this frontend waiting at the broker, per worker serving the lane. The rest
+    #: wait in the ledger and are released round robin across tenants and users.
+    window_per_worker: int = Field(default=2, ge=1, le=1000)
+    #: The window when few or no workers are known (at least this many wait there).
+    window_min: int = Field(default=2, ge=1, le=100_000)
+    #: Releases also happen this often (workers come and go, claims lapse).
+    release_seconds: float = Field(default=1.0, gt=0, le=60)
+
+
 class LedgerSettings(BaseSettings):
     """Where a frontend keeps its SQLite ledger."""
 

@@ -31,6 +31,11 @@ class RendererSettings(BaseSettings):
     worker_id: str = Field(default_factory=_default_worker_id)
     #: Lanes this worker consumes, comma-separated in the environment.
     lanes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["fast"])
+    #: How a freed slot is shared when several lanes wait: ``lane=weight`` pairs, comma
+    #: separated (unlisted lanes weigh 1); see renderer/lanes.py.
+    lane_weights: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=lambda: {"fast": 4, "relax": 1}
+    )
     #: Unacked jobs held at once. Unset: 2 for ComfyUI (the next prompt waits in ComfyUI's
     #: own queue, so the GPU never waits on us; measured in docs/benchmarks.md), else 1.
     prefetch: int | None = Field(default=None, ge=1, le=16)
@@ -54,6 +59,27 @@ class RendererSettings(BaseSettings):
     preview_interval_seconds: float = Field(default=1.0, ge=0)
 
     _split_lanes = field_validator("lanes", mode="before")(split_csv)
+
+    @field_validator("lane_weights", mode="before")
+    @classmethod
+    def _parse_weights(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        weights: dict[str, object] = {}
+        for part in filter(None, (piece.strip() for piece in value.split(","))):
+            lane, sep, weight = part.partition("=")
+            if not sep or not lane.strip():
+                raise ValueError(f"{part!r}: write lane=weight, e.g. fast=4,relax=1")
+            weights[lane.strip()] = weight.strip()
+        return weights
+
+    @field_validator("lane_weights")
+    @classmethod
+    def _check_weights(cls, weights: dict[str, int]) -> dict[str, int]:
+        for lane, weight in weights.items():
+            if not 1 <= weight <= 1000:
+                raise ValueError(f"the weight of lane {lane!r} is {weight}: use 1 to 1000")
+        return weights
 
 
 class ComfyUISettings(BaseSettings):

@@ -22,6 +22,7 @@ On stop (SIGTERM) the worker takes no new job, lets the current one finish for u
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import random
 import time
@@ -55,6 +56,7 @@ from jobs.models import (
 )
 from renderer.backends.base import Backend, RenderTask
 from renderer.exceptions import InvalidWorkflow, RenderError
+from renderer.lanes import LaneScheduler
 from renderer.previews import PreviewThrottle
 from renderer.settings import RendererSettings
 from storage import ImageMeta, ObjectStore, StorageError, StorageUnavailable
@@ -246,6 +248,7 @@ class Worker:
         self._idle.set()
         self._state = WorkerState.IDLE
         self._beating: asyncio.Task[None] | None = None
+        self._lanes = LaneScheduler(settings.lanes, settings.lane_weights, 1)
         self.completed = 0
         self.failed = 0
         self.previews_sent = 0
@@ -272,12 +275,19 @@ class Worker:
         return 2 if self._renderer.backend.name == "comfyui" else 1
 
     async def start(self) -> None:
-        self._subscriptions = [
-            await self._bus.consume_control(self.worker_id, self._on_control),
-            *await self._bus.consume_jobs(
-                self._settings.lanes, self._on_delivery, prefetch=self.prefetch
-            ),
-        ]
+        self._lanes = LaneScheduler(
+            self._settings.lanes, self._settings.lane_weights, self.prefetch
+        )
+        self._subscriptions = [await self._bus.consume_control(self.worker_id, self._on_control)]
+        # Each lane may fill every slot alone, and with several lanes each holds one job
+        # more, so that when a slot frees every lane with work has a job here to weigh
+        # (with the slots' prefetch alone the next job of the lane that just finished
+        # would still be on its way, and the other lane would always win).
+        held = self.prefetch + (1 if len(self._settings.lanes) > 1 else 0)
+        for lane in self._settings.lanes:
+            self._subscriptions += await self._bus.consume_jobs(
+                [lane], functools.partial(self._on_delivery, lane), prefetch=held
+            )
         self._beating = asyncio.create_task(self._heartbeats(), name=f"heartbeats:{self.worker_id}")
         log.info(
             "worker.started",
@@ -358,15 +368,16 @@ class Worker:
         while len(self._cancelled) > REMEMBERED_CANCELS:
             self._cancelled.popitem(last=False)
 
-    async def _on_delivery(self, delivery: Delivery) -> None:
+    async def _on_delivery(self, lane: str, delivery: Delivery) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._running.add(task)
         self._idle.clear()
-        if self._state is WorkerState.IDLE:
-            self._state = WorkerState.BUSY
         try:
-            await self._handle(delivery)
+            async with self._lanes.turn(lane):
+                if self._state is WorkerState.IDLE:
+                    self._state = WorkerState.BUSY
+                await self._handle(delivery)
         finally:
             self._running.discard(task)
             if not self._running:

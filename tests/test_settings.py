@@ -14,7 +14,7 @@ from api.settings import ApiSettings
 from bot.settings import DiscordSettings
 from brigade.settings import BrigadeSettings
 from jobs.quotas import QuotaDefaults
-from jobs.settings import AmqpSettings, LedgerSettings
+from jobs.settings import AmqpSettings, FairSettings, LedgerSettings
 from renderer.settings import ComfyUISettings, RendererSettings
 from storage.settings import LocalStoreSettings, S3Settings
 
@@ -24,6 +24,7 @@ SETTINGS: list[type[BaseSettings]] = [
     BrigadeSettings,
     ComfyUISettings,
     DiscordSettings,
+    FairSettings,
     LedgerSettings,
     LocalStoreSettings,
     QuotaDefaults,

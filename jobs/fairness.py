@@ -1,0 +1,129 @@
+"""The order in which a frontend hands its waiting jobs to the broker: round robin across
+tenants (guilds, API tenants) within a lane, and across users within a tenant.
+
+Why here, and not a scheduler process or a queue per user
+---------------------------------------------------------
+A frontend admits its jobs into its ledger and releases them to the lane's queue only
+while fewer than a *window* of its jobs wait there (about two per worker serving the
+lane: enough that no worker waits on us, few enough that the order stays ours). The rest
+wait in the ledger, and each release picks the next job by this module's order. So the
+broker queue stays short and FIFO, and fairness is decided where the jobs are known,
+with no new moving part:
+
+* no central scheduler to run, elect or lose: each frontend orders its own tenants'
+  jobs (a guild belongs to one bot, an API tenant to the API); when a frontend is down
+  its users can neither submit nor see results anyway, its jobs already released still
+  render, and those it holds are released when it is back (they are in its ledger);
+* no queue per user or per guild at the broker, whose number would grow with the
+  community and which every worker would have to discover and poll;
+* frontends share a lane as peers: each keeps at most its window in the queue, so none
+  can flood it, whatever its users do.
+
+The order: start-time fair queueing, twice
+------------------------------------------
+Every release gives the job two tags. Its **tenant tag** is one more than the larger of
+the lane's clock (the tenant tag of the last job released in the lane) and its tenant's
+last tenant tag; its **user tag** is one more than the larger of the tenant's clock (the
+user tag of the tenant's last release) and its user's last user tag. The next job is
+the one whose tenant has the smallest next tenant tag, and within that tenant whose user
+has the smallest next user tag (ties: the one served least recently, then the oldest
+job); the user's oldest job goes. A tenant or user that was idle comes back at the
+current round, with no credit saved up, and one with a backlog gets one turn per round.
+With one user holding 50 jobs and nine others 2 each, all nine first jobs are released
+before the heavy user's next one.
+
+The tags depend only on releases, not on when jobs finish, so the order of the jobs
+waiting now is fixed until new jobs arrive: queue positions are read off the same
+order (``Ledger.position``), and what users are shown is what happens.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A job held in the ledger, as the order sees it."""
+
+    job_id: str
+    tenant: str
+    user: str
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tags:
+    """What the released jobs of a lane left: the lane's clock, each tenant's last tenant
+    tag and clock (its last user tag), each user's last user tag. 0 = never."""
+
+    lane_clock: int
+    tenant_last: Mapping[str, int]
+    tenant_clock: Mapping[str, int]
+    user_last: Mapping[tuple[str, str], int]
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    job_id: str
+    tenant_tag: int
+    user_tag: int
+
+
+def fair_order(
+    waiting: Iterable[Waiting], tags: Tags, *, limit: int | None = None, until: str | None = None
+) -> list[Release]:
+    """``waiting`` in release order, with the tags each release gives (the first
+    ``limit``, or up to and including ``until``)."""
+    held: dict[str, dict[str, deque[Waiting]]] = defaultdict(lambda: defaultdict(deque))
+    for job in sorted(waiting, key=lambda j: j.created_at):
+        held[job.tenant][job.user].append(job)
+    lane_clock = tags.lane_clock
+    tenant_last = dict(tags.tenant_last)
+    tenant_clock = dict(tags.tenant_clock)
+    user_last = dict(tags.user_last)
+    order: list[Release] = []
+    while held and (limit is None or len(order) < limit):
+        tenant = min(held, key=lambda t: _tenant_key(t, held[t], lane_clock, tenant_last))
+        users = held[tenant]
+        clock = tenant_clock.get(tenant, 0)
+        user = min(users, key=lambda u: _user_key(tenant, u, users[u], clock, user_last))
+        job = users[user].popleft()
+        release = Release(
+            job.job_id,
+            max(lane_clock, tenant_last.get(tenant, 0)) + 1,
+            max(clock, user_last.get((tenant, user), 0)) + 1,
+        )
+        order.append(release)
+        lane_clock = tenant_last[tenant] = release.tenant_tag
+        tenant_clock[tenant] = user_last[(tenant, user)] = release.user_tag
+        if not users[user]:
+            del users[user]
+        if not users:
+            del held[tenant]
+        if until is not None and job.job_id == until:
+            break
+    return order
+
+
+def _tenant_key(
+    tenant: str, users: Mapping[str, deque[Waiting]], lane_clock: int, last: Mapping[str, int]
+) -> tuple[int, int, str]:
+    """Next tenant tag, then least recently served, then oldest job."""
+    previous = last.get(tenant, 0)
+    oldest = min(jobs[0].created_at for jobs in users.values())
+    return (max(lane_clock, previous) + 1, previous, oldest)
+
+
+def _user_key(
+    tenant: str,
+    user: str,
+    jobs: deque[Waiting],
+    clock: int,
+    last: Mapping[tuple[str, str], int],
+) -> tuple[int, int, str]:
+    """Next user tag, then least recently served, then oldest job."""
+    previous = last.get((tenant, user), 0)
+    return (max(clock, previous) + 1, previous, jobs[0].created_at)
