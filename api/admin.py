@@ -35,7 +35,7 @@ def _view(key: ApiKey) -> KeyView:
 
 def _tenant(request: web.Request) -> str:
     tenant = request.match_info["tenant"]
-    if not re.match(TENANT_PATTERN, tenant):
+    if not re.fullmatch(TENANT_PATTERN, tenant):
         raise invalid([FieldError("tenant", "tenant: 1 to 64 letters, digits, '.', '_' or '-'")])
     return tenant
 

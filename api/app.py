@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from api import admin, jobs, page
+from api import admin, inputs, jobs, page
 from api.auth import is_loopback
 from api.context import STATE, STREAM_END, ApiState, Services, state
 from api.http import json_response
@@ -52,6 +52,7 @@ def create_app(services: Services, settings: ApiSettings) -> web.Application:
     app = web.Application(middlewares=[_problems], client_max_size=settings.max_body_bytes)
     app[STATE] = api
     app.add_routes(jobs.routes)
+    app.add_routes(inputs.routes)
     app.add_routes(admin.routes)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -175,8 +176,8 @@ async def image(request: web.Request) -> web.Response:
     key = request.match_info["key"]
     if store is None:  # pragma: no cover - the route exists only with a local store
         raise not_found("No local image store here.")
-    if not key.endswith(".png"):
-        raise not_found(f"No image {key!r}: only PNG images are served.")
+    if not key.endswith(".png") or key.startswith("inputs/"):
+        raise not_found(f"No image {key!r}: only output PNG images are served.")
     try:
         check_key("", key)
         body = await store.get(key)

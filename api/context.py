@@ -20,7 +20,7 @@ from jobs.models import Event
 from jobs.quotas import QuotaSettings
 from jobs.registry import WorkerRegistry
 from jobs.tracker import JobTracker
-from storage import LocalStore, ObjectStore
+from storage import InputImageSettings, LocalStore, ObjectStore
 from workflows import Catalog
 
 
@@ -49,6 +49,8 @@ class Services:
     #: Where outputs are; None when this process has none configured. A
     #: :class:`LocalStore` is also served at ``/images/`` (the embedded mode).
     store: ObjectStore | None = None
+    #: Limits on uploaded input images (``INPUT_IMAGE_*``); None: the defaults.
+    input_limits: InputImageSettings | None = None
 
     @property
     def local_store(self) -> LocalStore | None:

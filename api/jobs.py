@@ -125,6 +125,23 @@ async def _own_job(request: web.Request, principal: Principal) -> JobRecord:
     return record
 
 
+#: Workflow roles that a request's field sets under another name (``count`` sets ``batch``).
+_FIELD_OF_ROLE = {"batch": "count"}
+
+
+def _request_fields(errors: list[FieldError], request: JobRequest) -> list[FieldError]:
+    """``errors`` naming the fields the client sent rather than the workflow's roles."""
+    named = []
+    for error in errors:
+        field = _FIELD_OF_ROLE.get(error.field)
+        if field is None or getattr(request, field) is None:
+            named.append(error)
+            continue
+        _, _, text = error.message.partition(":")  # "batch: ..." or the quota's "count: ..."
+        named.append(FieldError(field, f"{field}:{text}"))
+    return named
+
+
 def _fingerprint(request: JobRequest) -> str:
     canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -175,7 +192,7 @@ async def submit(request: web.Request) -> web.Response:
         )
     except InvalidRequest as exc:
         metrics.rejections.labels("invalid").inc()
-        raise invalid(exc.errors) from exc
+        raise invalid(_request_fields(exc.errors, job_request)) from exc
     except QuotaExceeded as exc:
         metrics.rejections.labels(f"quota.{exc.limit}").inc()
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}

@@ -7,7 +7,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 from api.keys import TENANT_PATTERN
 from jobs.models import FailureReason, JobStatus, Output, WorkerState
@@ -86,7 +95,7 @@ class JobList(_Out):
 
 
 class WorkflowParam(_Out):
-    type: Literal["string", "int", "float", "choice", "bool"]
+    type: Literal["string", "int", "float", "choice", "bool", "image"]
     description: str
     required: bool
     default: Scalar | None = None
@@ -209,7 +218,28 @@ class QuotaChange(BaseModel):
     banned_words: list[StrictStr] | None = None
     nsfw_workflows: list[StrictStr] | None = None
 
+    @field_validator("workflows", "lanes", "banned_words", "nsfw_workflows")
+    @classmethod
+    def _encodable(cls, items: list[str] | None) -> list[str] | None:
+        # JSON can carry a lone surrogate ("\ud800"): stored, it could never be sent back.
+        for item in items or ():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{item!r} contains an unpaired surrogate") from None
+        return items
+
 
 class TenantQuota(_Out):
     tenant: str
     limits: QuotaSettings
+
+
+class InputImageView(_Out):
+    """An uploaded input image: send ``key`` as the workflow's image parameter."""
+
+    key: str = Field(description="Put this in `params` under the workflow's image parameter.")
+    content_type: str
+    width: int
+    height: int
+    bytes: int

@@ -17,6 +17,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from api.jobs import IDEMPOTENCY_KEY, MAX_LIST
 from api.models import (
     Health,
+    InputImageView,
     JobList,
     JobTicket,
     JobView,
@@ -49,6 +50,7 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (WorkerList, "serialization"),
     (QuotaUsage, "serialization"),
     (Health, "serialization"),
+    (InputImageView, "serialization"),
     (KeyCreated, "serialization"),
     (KeyView, "serialization"),
     (KeyList, "serialization"),
@@ -222,6 +224,40 @@ def document(*, images: bool = False, status_page: bool = False) -> dict[str, An
                     },
                     "204": {"description": "Last-Event-ID was `end`: nothing more to send"},
                     **problems(404),
+                    **auth_problems,
+                },
+            }
+        },
+        "/v1/inputs": {
+            "post": {
+                "operationId": "uploadInput",
+                "summary": "Upload an input image for a workflow's image parameter",
+                "description": (
+                    "The body is a PNG, JPEG or WebP image (or multipart/form-data with "
+                    "the file in `image`), at most `INPUT_IMAGE_MAX_BYTES` and "
+                    "`INPUT_IMAGE_MAX_PIXELS`; it is decoded to prove it is one. The answer's "
+                    "`key` goes in a job's `params` under the image parameter. No URLs."
+                ),
+                "security": tenant_auth,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        **{
+                            media: {"schema": {"type": "string", "format": "binary"}}
+                            for media in ("image/png", "image/jpeg", "image/webp")
+                        },
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"image": {"type": "string", "format": "binary"}},
+                                "required": ["image"],
+                            }
+                        },
+                    },
+                },
+                "responses": {
+                    "201": answer("Stored: its key", InputImageView),
+                    **problems(400, 413, 415, 422, 503),
                     **auth_problems,
                 },
             }

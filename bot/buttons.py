@@ -18,7 +18,7 @@ JOB_ID = r"(?P<job_id>[0-9a-f-]{36})"
 
 
 class ViewFactory(Protocol):
-    def __call__(self, job: Job, *, final: bool) -> discord.ui.View: ...
+    def __call__(self, job: Job, *, final: bool, succeeded: bool = False) -> discord.ui.View: ...
 
 
 def _button(
@@ -141,15 +141,44 @@ class Delete(
         await flow.delete_button(_bot(interaction), interaction, self.job_id)
 
 
-DYNAMIC_ITEMS = (Reroll, Variations, Cancel, Delete)
+class Upscale(
+    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
+    template=rf"brigade:upscale:{JOB_ID}",
+):
+    """The finished picture, enlarged by ``DISCORD_UPSCALE_WORKFLOW``."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(_button("Upscale", "upscale", job_id, discord.ButtonStyle.secondary, "🔍"))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
+        /,
+    ) -> Upscale:
+        return cls(match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        from bot import flow
+
+        await flow.upscale(_bot(interaction), interaction, self.job_id)
 
 
-def job_view(job: Job, *, final: bool) -> discord.ui.View:
-    """Cancel while the job waits or renders; Reroll, Variations and Delete after."""
+DYNAMIC_ITEMS = (Reroll, Variations, Upscale, Cancel, Delete)
+
+
+def job_view(job: Job, *, final: bool, upscale: bool = False) -> discord.ui.View:
+    """Cancel while the job waits or renders; Reroll, Variations, Upscale (with
+    ``upscale``: a finished picture and an upscale workflow) and Delete after."""
     view = discord.ui.View(timeout=None)
     if final:
         view.add_item(Reroll(job.job_id))
         view.add_item(Variations(job.job_id))
+        if upscale:
+            view.add_item(Upscale(job.job_id))
         view.add_item(Delete(job.job_id))
     else:
         view.add_item(Cancel(job.job_id))

@@ -21,7 +21,8 @@ from bot.messages import MessageStore
 from bot.progress import ProgressEditor
 from bot.settings import DiscordSettings
 from brigade.app import Frontend
-from storage import ObjectStore
+from jobs.models import Job
+from storage import InputImageSettings, ObjectStore
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +42,7 @@ class BrigadeBot(commands.Bot):
         ledger_path: Path,
         *,
         store: ObjectStore | None = None,
+        input_limits: InputImageSettings | None = None,
     ) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,
@@ -53,15 +55,26 @@ class BrigadeBot(commands.Bot):
         )
         self.front = front
         self.settings = settings
+        #: Where attachments are kept for renderers (None: the bot takes no images).
+        self.store = store
+        #: Limits on attachments; None given: the documented defaults.
+        self.input_limits = input_limits or InputImageSettings.model_construct()
         self.messages = MessageStore(ledger_path)
         self.progress = ProgressEditor(
             self,
             front.ledger,
             self.messages,
             store,
-            job_view,
+            self.job_view,
             interval=settings.edit_interval_seconds,
         )
+
+    def job_view(self, job: Job, *, final: bool, succeeded: bool = False) -> discord.ui.View:
+        """A job message's buttons; Upscale on a finished picture when it is set up."""
+        from bot.images import upscale_template
+
+        upscale = succeeded and self.store is not None and upscale_template(self) is not None
+        return job_view(job, final=final, upscale=upscale)
 
     async def setup_hook(self) -> None:
         from bot.cogs.admin import Admin

@@ -161,6 +161,18 @@ async def rerun(
         await reply_error(interaction, exc)
 
 
+async def upscale(bot: BrigadeBot, interaction: discord.Interaction[Any], job_id: str) -> None:
+    """The Upscale button: a job of the upscale workflow on the finished picture, once
+    per press (the interaction id is its idempotency key)."""
+    from bot.images import upscale_request
+
+    try:
+        await defer_public(interaction)  # reading and storing the picture takes a moment
+        await start(bot, interaction, await upscale_request(bot, job_id))
+    except EXPLAINED as exc:
+        await reply_error(interaction, exc)
+
+
 async def _job(bot: BrigadeBot, job_id: str) -> Job:
     record = await bot.front.ledger.get(job_id)
     if record is None:

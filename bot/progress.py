@@ -51,8 +51,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-#: Times a final edit is tried before the message is given up.
-FINAL_ATTEMPTS = 3
+#: Times a final edit is tried before the message is given up (a restart tries again).
+FINAL_ATTEMPTS = 8
+#: Longest pause between two tries of a final edit. The pauses double from the
+#: interval, so the result outlasts a Discord outage of a minute or two.
+FINAL_RETRY_MAX_SECONDS = 30.0
 
 
 @dataclass(eq=False)
@@ -221,6 +224,11 @@ class ProgressEditor:
                     if state.final_attempts >= FINAL_ATTEMPTS:
                         log.warning("discord.edit_abandoned", job_id=state.job.job_id)
                         return
+                    pause = min(
+                        FINAL_RETRY_MAX_SECONDS,
+                        max(self.interval, 1.0) * 2 ** (state.final_attempts - 1),
+                    )
+                    state.last_edit = max(state.last_edit, loop.time() + pause - self.interval)
                     state.changed.set()
         finally:
             if self._states.get(state.job.job_id) is state:
@@ -272,7 +280,7 @@ class ProgressEditor:
             message.channel_id, guild_id=message.guild_id
         )
         target = channel.get_partial_message(message.message_id)
-        view = self._views(state.job, final=final)
+        view = self._views(state.job, final=final, succeeded=isinstance(state.terminal, Succeeded))
         async with self._edits:
             state.last_edit = loop.time()
             try:

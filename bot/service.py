@@ -26,7 +26,7 @@ from jobs.bus import JobBus
 from jobs.health import Check, HealthServer
 from jobs.rabbitmq import RabbitBroker
 from jobs.settings import AmqpSettings, LedgerSettings
-from storage import LocalStoreSettings, ObjectStore, S3Settings
+from storage import InputImageSettings, LocalStoreSettings, ObjectStore, S3Settings
 from workflows import Catalog
 
 log = structlog.get_logger(__name__)
@@ -56,7 +56,7 @@ async def started(
     the way out. A bot that failed (a bad token) raises its error on the way out."""
     token = _token(settings)
     point_discord_py(settings)
-    bot = BrigadeBot(front, settings, ledger_path, store=store)
+    bot = BrigadeBot(front, settings, ledger_path, store=store, input_limits=InputImageSettings())
     task = asyncio.create_task(bot.start(token), name="discord-bot")
     try:
         yield RunningBot(bot, task)

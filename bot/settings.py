@@ -33,6 +33,10 @@ class DiscordSettings(BaseSettings):
     edit_interval_seconds: float = Field(default=1.5, ge=0.0, le=60.0)
     #: The workflow ``/imagine`` uses when none is given and the guild allows any.
     default_workflow: str | None = None
+    #: The workflow the Upscale button runs on a finished picture (one ``image`` parameter
+    #: and a ``prompt``). ``off``, or a name the catalog lacks: no Upscale button. Not
+    #: "empty means off": an empty variable means unset here, as everywhere.
+    upscale_workflow: str = "upscale"
     #: Seconds discord.py waits after the last GUILD_CREATE before it is ready.
     guild_ready_timeout: float = Field(default=2.0, ge=0.0)
     #: ``/healthz`` and ``/readyz`` of ``brigade bot`` on this port (unset: off; 0: any),

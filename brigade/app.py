@@ -43,7 +43,14 @@ from renderer.gpus import per_gpu
 from renderer.health import WorkersCollector
 from renderer.settings import ComfyUISettings, RendererSettings, choose_backend
 from renderer.worker import Renderer, Worker
-from storage import LocalStore, LocalStoreSettings, ObjectStore, S3Settings, S3Store
+from storage import (
+    InputImageSettings,
+    LocalStore,
+    LocalStoreSettings,
+    ObjectStore,
+    S3Settings,
+    S3Store,
+)
 from workflows import Catalog
 
 log = structlog.get_logger(__name__)
@@ -326,6 +333,7 @@ async def api_services(
         db=db,
         keys=KeyStore(db),
         store=store,
+        input_limits=InputImageSettings(),
     )
 
 

@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--comfyui-url", help="a ComfyUI to check against (default: COMFYUI_URL)")
     check.add_argument("--checkpoint", help="check with this checkpoint instead of the defaults")
+    add = workflow_commands.add_parser(
+        "add", help="propose a manifest for a graph saved with ComfyUI's Save (API)"
+    )
+    add.add_argument("graph", type=Path, help="the graph, e.g. workflow_api.json")
+    add.add_argument("--name", help="workflow name (default: from the file name)")
+    add.add_argument("--backends", default="comfyui", help="comma-separated (default: comfyui)")
+    add.add_argument("--force", action="store_true", help="replace an existing manifest")
     _api_parsers(commands)
     return parser
 
@@ -116,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_bot())
     if args.workflows_command == "check":
         return asyncio.run(_workflows_check(settings, args.comfyui_url, args.checkpoint))
+    if args.workflows_command == "add":
+        return _workflows_add(args)
     return _workflows_list(settings, as_json=args.json)
 
 
@@ -360,6 +369,26 @@ def _workflows_list(settings: BrigadeSettings, *, as_json: bool) -> int:
         print(f"{manifest.name}  ({', '.join(manifest.backends)})  {manifest.title}")
         for name, param in manifest.params.items():
             print(f"    {name:<11} {_summary(param)}")
+    return 0
+
+
+def _workflows_add(args: argparse.Namespace) -> int:
+    """Propose a manifest for a graph, write it next to the graph, say what it binds."""
+    from workflows import WorkflowError
+    from workflows.importer import add
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    try:
+        proposal, written = add(args.graph, name=args.name, backends=backends, force=args.force)
+    except WorkflowError as exc:
+        print(f"brigade: {args.graph}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(proposal.describe())
+    print(f"wrote {written}")
+    print(
+        f"check it against your ComfyUI: BRIGADE_WORKFLOWS_DIRS={written.parent}"
+        " brigade workflows check --comfyui-url URL"
+    )
     return 0
 
 

@@ -59,10 +59,20 @@ from renderer.exceptions import InvalidWorkflow, RenderError
 from renderer.lanes import LaneScheduler
 from renderer.previews import PreviewThrottle
 from renderer.settings import RendererSettings
-from storage import ImageMeta, ObjectStore, StorageError, StorageUnavailable
-from workflows import Catalog, ParameterError, UnknownWorkflow, WorkflowError
+from storage import (
+    ImageMeta,
+    InvalidKey,
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    StorageUnavailable,
+)
+from workflows import Catalog, ParameterError, Template, UnknownWorkflow, WorkflowError
 
 log = structlog.get_logger(__name__)
+
+#: Jitter for backoffs, apart from the global ``random`` (tests and libraries share that).
+_JITTER = random.Random()
 
 #: Upload tries per image before the job is handed back (the store may be restarting).
 STORE_ATTEMPTS = 6
@@ -74,7 +84,7 @@ REMEMBERED_CANCELS = 10_000
 
 def backoff(attempt: int, base: float) -> float:
     """Exponential backoff with full jitter, capped: attempt 1 waits up to ``base``."""
-    return random.uniform(0, min(MAX_BACKOFF_SECONDS, base * 2 ** (attempt - 1)))
+    return _JITTER.uniform(0, min(MAX_BACKOFF_SECONDS, base * 2 ** (attempt - 1)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,8 +187,11 @@ class Renderer:
             raise InvalidWorkflow(
                 f"The workflow {job.workflow!r} cannot run on the {self.backend.name} backend."
             )
-        graph = template.bind(job.params)
-        task = RenderTask(job.job_id, attempt, job.workflow, graph, job.params)
+        graph = template.bind(job.params)  # refuses bad parameters before any upload
+        images, names = await self._inputs(template, job)
+        if names:
+            graph = template.bind(job.params, images=names)
+        task = RenderTask(job.job_id, attempt, job.workflow, graph, job.params, images)
         started = time.perf_counter()
         result = await self.backend.render(task, reporter)
         rendered = time.perf_counter()
@@ -191,6 +204,35 @@ class Renderer:
             "upload": round(time.perf_counter() - rendered, 4),
         }
         return outputs, timings
+
+    async def _inputs(
+        self, template: Template, job: Job
+    ) -> tuple[dict[str, bytes], dict[str, str]]:
+        """Read each input image of ``job`` from the store and hand it to the backend.
+
+        Returns the bytes and the backend's file name per ``image`` parameter. An input
+        that is not in the store (or not an input key of this store) fails the job for
+        good; a store or backend that cannot be reached is transient, as everywhere.
+        """
+        images: dict[str, bytes] = {}
+        names: dict[str, str] = {}
+        for name, param in template.manifest.params.items():
+            key = job.params.get(name)
+            if param.type != "image" or not isinstance(key, str):
+                continue
+            try:
+                data = await self.store.get_input(key)
+            except (InvalidKey, ObjectNotFound) as exc:
+                raise InvalidWorkflow(
+                    f"The input image for {name!r} is no longer available; send it again.",
+                    detail=str(exc),
+                ) from exc
+            upload = getattr(self.backend, "upload_image", None)
+            if upload is None:
+                raise InvalidWorkflow(f"The {self.backend.name} backend cannot take input images.")
+            names[name] = await upload(key.rsplit("/", 1)[-1], data)
+            images[name] = data
+        return images, names
 
     async def _store(self, job: Job, index: int, png: bytes) -> Output:
         meta = ImageMeta(

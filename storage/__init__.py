@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from storage.base import ImageMeta, ObjectStore, StoredImage
 from storage.exceptions import InvalidKey, ObjectNotFound, StorageError, StorageUnavailable
+from storage.inputs import InputImage, InvalidImage, check_image, validate_image
 from storage.local import LocalStore
 from storage.s3 import S3Store
-from storage.settings import LocalStoreSettings, S3Settings
+from storage.settings import InputImageSettings, LocalStoreSettings, S3Settings
 
 __all__ = [
     "ImageMeta",
+    "InputImage",
+    "InputImageSettings",
+    "InvalidImage",
     "InvalidKey",
     "LocalStore",
     "LocalStoreSettings",
@@ -24,7 +28,9 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "StoredImage",
+    "check_image",
     "create_store",
+    "validate_image",
 ]
 
 

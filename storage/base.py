@@ -63,3 +63,18 @@ class ObjectStore(Protocol):
 
     async def get(self, key: str) -> bytes:
         """Read an object back (tests, the API's local file serving)."""
+
+    async def put_input(self, data: bytes) -> str:
+        """Store an input image a frontend accepted (``storage.inputs.check_image``).
+
+        Content-addressed: returns ``<prefix>/inputs/<sha256>.<png|jpg|webp>``; storing
+        the same bytes again writes the same key. Raises ``InvalidKey`` for bytes that are
+        not PNG, JPEG or WebP, ``StorageUnavailable`` (transient) or ``StorageError``.
+        """
+
+    async def get_input(self, key: str) -> bytes:
+        """Read an input image back (the renderer, before it uploads it to its backend).
+
+        Only keys :func:`storage.inputs.input_key` makes under this store's prefix are
+        read; any other key raises ``InvalidKey``, a missing one ``ObjectNotFound``.
+        """

@@ -21,6 +21,7 @@ import structlog
 
 from storage.base import ImageMeta, StoredImage
 from storage.exceptions import ObjectNotFound, StorageError
+from storage.inputs import check_input_key, input_key
 from storage.keys import check_key, image_key
 from storage.png import embed_text, meta_chunks, png_size
 
@@ -103,10 +104,31 @@ class LocalStore:
         except OSError as exc:
             raise StorageError(f"cannot read {key} under {self._root}: {exc}") from exc
 
+    async def put_input(self, data: bytes) -> str:
+        """Write an accepted input image under its content address, atomically; return the key."""
+        key = input_key(_PREFIX, data)
+        try:
+            await asyncio.to_thread(_write, self._root / key, data)
+        except OSError as exc:
+            raise StorageError(f"cannot write {key} under {self._root}: {exc}") from exc
+        self._log.info("storage.put", key=key, bytes=len(data))
+        return key
+
+    async def get_input(self, key: str) -> bytes:
+        """Read an input image; ``InvalidKey`` for anything but an input key."""
+        check_input_key(_PREFIX, key)
+        return await self.get(key)
+
 
 def _stamp_and_write(path: Path, png: bytes, meta: ImageMeta) -> bytes:
     """Embed ``meta`` into ``png`` and write it to ``path`` atomically; return the bytes."""
     body = embed_text(png, meta_chunks(meta))
+    _write(path, body)
+    return body
+
+
+def _write(path: Path, body: bytes) -> None:
+    """Write ``body`` to ``path`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -119,7 +141,6 @@ def _stamp_and_write(path: Path, png: bytes, meta: ImageMeta) -> bytes:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
-    return body
 
 
 def _writable_dir(path: Path) -> bool:

@@ -34,6 +34,7 @@ from pydantic import SecretStr
 
 from storage.base import ImageMeta, StoredImage
 from storage.exceptions import ObjectNotFound, StorageError, StorageUnavailable
+from storage.inputs import CONTENT_TYPES, check_input_key, input_key
 from storage.keys import check_key, image_key, normalize_prefix
 from storage.png import embed_text, meta_chunks, object_metadata, png_size
 from storage.settings import S3Settings
@@ -213,6 +214,29 @@ class S3Store:
             response = await client.get_object(Bucket=self._settings.bucket, Key=key)
             async with response["Body"] as stream:
                 return await stream.read()
+
+    async def put_input(self, data: bytes) -> str:
+        """Upload an accepted input image under its content address; return the key."""
+        client = self._require_client()
+        key = input_key(self._prefix, data)
+        started = time.perf_counter()
+        async with self._errors("PutObject", key):
+            await client.put_object(
+                Bucket=self._settings.bucket,
+                Key=key,
+                Body=data,
+                ContentType=CONTENT_TYPES[key.rsplit(".", 1)[1]],
+                CacheControl=CACHE_CONTROL,
+            )
+        self._log.info(
+            "storage.put", key=key, bytes=len(data), seconds=round(time.perf_counter() - started, 3)
+        )
+        return key
+
+    async def get_input(self, key: str) -> bytes:
+        """Download an input image; ``InvalidKey`` for anything but an input key of ours."""
+        check_input_key(self._prefix, key)
+        return await self.get(key)
 
     async def _ensure_bucket(self) -> None:
         """Create the bucket when ``HeadBucket`` says it is missing (development only)."""

@@ -61,3 +61,16 @@ class LocalStoreSettings(BaseSettings):
     def root(self) -> Path:
         """The folder images are written under: ``data_dir / "images"``."""
         return self.data_dir / "images"
+
+
+class InputImageSettings(BaseSettings):
+    """Limits on images users hand in (attachments, API uploads), checked by every frontend."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="INPUT_IMAGE_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
+
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    """Largest file accepted, in bytes (checked before it is read or decoded)."""
+    max_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+    """Largest width × height accepted (checked from the header, before decoding)."""

@@ -38,6 +38,7 @@ async def test_imagine_happy_path(discord_emulator: DiscordEmulator, tmp_path: P
     assert message.custom_ids() == [
         f"brigade:reroll:{job_id}",
         f"brigade:vary:{job_id}",
+        f"brigade:upscale:{job_id}",
         f"brigade:delete:{job_id}",
     ]
     # The first edit is the interaction's; every later one uses the bot token.

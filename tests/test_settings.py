@@ -16,7 +16,7 @@ from brigade.settings import BrigadeSettings
 from jobs.quotas import QuotaDefaults
 from jobs.settings import AmqpSettings, FairSettings, LedgerSettings
 from renderer.settings import ComfyUISettings, RendererSettings
-from storage.settings import LocalStoreSettings, S3Settings
+from storage.settings import InputImageSettings, LocalStoreSettings, S3Settings
 
 SETTINGS: list[type[BaseSettings]] = [
     AmqpSettings,
@@ -25,6 +25,7 @@ SETTINGS: list[type[BaseSettings]] = [
     ComfyUISettings,
     DiscordSettings,
     FairSettings,
+    InputImageSettings,
     LedgerSettings,
     LocalStoreSettings,
     QuotaDefaults,

@@ -157,3 +157,38 @@ def test_random_prompts_never_change_structure(catalog: Catalog, name: str) -> N
         for n in string_params:
             for binding in template.manifest.params[n].bind:
                 assert graph[binding.node]["inputs"][binding.input] == values[n]
+
+
+def test_image_binds_the_backend_name_not_the_key(tmp_path: Path) -> None:
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t"}},
+    }
+    (tmp_path / "i.json").write_text(json.dumps(graph))
+    manifest = {
+        "schema_version": 1,
+        "name": "i",
+        "title": "Image in, image out",
+        "graph": "i.json",
+        "backends": ["comfyui"],
+        "params": {
+            "image": {"type": "image", "required": True, "bind": [{"node": "1", "input": "image"}]}
+        },
+        "outputs": ["2"],
+    }
+    (tmp_path / "i.manifest.json").write_text(json.dumps(manifest))
+    template = Template.load(tmp_path / "i.manifest.json")
+    key = "images/inputs/" + "c" * 64 + ".jpg"
+    params = template.resolve({"image": key})
+    bound = template.bind(params, images={"image": "brigade/" + "c" * 64 + ".jpg"})
+    assert bound["1"]["inputs"]["image"] == "brigade/" + "c" * 64 + ".jpg"
+    assert template.bind(params)["1"]["inputs"]["image"] == key
+    with pytest.raises(ParameterError) as caught:
+        template.bind({"image": "../secret.png"}, images={"image": "x.png"})
+    assert "not the key of a stored input image" in str(caught.value)
+    with pytest.raises(ParameterError) as caught:
+        template.bind(params, images={"image": "bad\x00name"})
+    assert "not a usable file name" in str(caught.value)
+    with pytest.raises(ParameterError) as caught:
+        template.bind({}, images={})
+    assert [e.field for e in caught.value.errors] == ["image"]

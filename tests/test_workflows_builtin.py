@@ -10,7 +10,26 @@ import pytest
 from workflows import Catalog, Template
 from workflows.catalog import BUILTIN_DIR
 
-BUILTINS = ("demo", "flux-schnell-txt2img", "sd15-txt2img", "sdxl-txt2img")
+BUILTINS = (
+    "demo",
+    "flux-schnell-txt2img",
+    "img2img",
+    "sd15-txt2img",
+    "sdxl-txt2img",
+    "upscale",
+)
+INPUT_KEY = "images/inputs/" + "e" * 64 + ".png"
+
+
+def example_values(template: Template) -> dict[str, object]:
+    """A prompt and an input image, for the templates that take them."""
+    values: dict[str, object] = {}
+    for name, param in template.manifest.params.items():
+        if name == "prompt":
+            values[name] = "a red cube"
+        elif param.type == "image" and param.required:
+            values[name] = INPUT_KEY
+    return values
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +58,7 @@ def test_builtin_nodes_have_titles(catalog: Catalog, name: str) -> None:
 @pytest.mark.parametrize("name", BUILTINS)
 def test_builtin_binds_to_json(catalog: Catalog, name: str) -> None:
     template = catalog.get(name)
-    graph = template.bind(template.resolve({"prompt": "a red cube"}, rng=random.Random(1)))
+    graph = template.bind(template.resolve(example_values(template), rng=random.Random(1)))
     assert json.loads(json.dumps(graph)) == graph
     for output in template.manifest.outputs:
         assert graph[output]["class_type"] == "SaveImage"
@@ -164,3 +183,35 @@ def test_describe_is_json(catalog: Catalog) -> None:
     assert described["params"]["seed"]["random"] is True
     assert described["params"]["checkpoint"]["max_length"] == 255
     assert described["backends"] == ["comfyui"]
+
+
+EXAMPLES_DIR = BUILTIN_DIR.parent / "examples"
+
+
+@pytest.mark.parametrize(
+    ("name", "image"), [("img2img", "image"), ("upscale", "image"), ("controlnet-pose", "pose")]
+)
+def test_image_templates_load_their_input_through_load_image(name: str, image: str) -> None:
+    template = Catalog.load([EXAMPLES_DIR]).get(name)
+    param = template.manifest.params[image]
+    assert (param.type, param.required) == ("image", True)
+    [binding] = param.bind
+    assert template.graph[binding.node]["class_type"] == "LoadImage"
+    assert binding.input == "image"
+    bound = template.bind(
+        template.resolve(example_values(template), rng=random.Random(1)),
+        images={image: "brigade/x.png"},
+    )
+    assert bound[binding.node]["inputs"]["image"] == "brigade/x.png"
+
+
+def test_image_templates_run_where_they_say(catalog: Catalog) -> None:
+    assert catalog.get("img2img").manifest.backends == ["comfyui", "demo"]
+    assert catalog.get("upscale").manifest.backends == ["comfyui", "demo"]
+    # The ControlNet example needs a model no stock server has: opt in through a dir.
+    assert "controlnet-pose" not in catalog.names()
+    example = Catalog.load([EXAMPLES_DIR]).get("controlnet-pose")
+    assert example.manifest.backends == ["comfyui"]
+    classes = {node["class_type"] for node in example.graph.values()}
+    assert {"ControlNetLoader", "ControlNetApplyAdvanced", "LoadImage"} <= classes
+    assert set(catalog.get("upscale").manifest.params) == {"image", "prompt", "scale_by"}

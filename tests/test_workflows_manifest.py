@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from workflows import ManifestError, Template
+from workflows import ManifestError, ParameterError, Template
 
 GRAPH: dict[str, Any] = {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
@@ -268,3 +268,95 @@ def test_manifest_error_survives_pickling(tmp_path: Path) -> None:
     copy_ = pickle.loads(pickle.dumps(error))
     assert (copy_.source, copy_.param, copy_.reason) == (error.source, error.param, error.reason)
     assert str(copy_) == str(error)
+
+
+# --- image parameters --------------------------------------------------------------------
+
+IMAGE_GRAPH: dict[str, Any] = {
+    **GRAPH,
+    "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+    "5": {"class_type": "LoadImage", "inputs": {"image": "mask.png"}},
+}
+KEY = "images/inputs/" + "ab" * 32 + ".png"
+
+
+def image_template(tmp_path: Path, **params: dict[str, Any]) -> Template:
+    manifest = copy.deepcopy(MANIFEST)
+    manifest["params"].update(params)
+    return Template.load(write(tmp_path, manifest, IMAGE_GRAPH))
+
+
+def test_image_parameter_takes_only_an_input_key(tmp_path: Path) -> None:
+    template = image_template(
+        tmp_path,
+        image={"type": "image", "required": True, "bind": [{"node": "4", "input": "image"}]},
+    )
+    param = template.manifest.params["image"]
+    for good in (KEY, "inputs/" + "0" * 64 + ".webp", "a/b.c/inputs/" + "f" * 64 + ".jpg"):
+        assert param.check(good) is None, good
+    for bad in (
+        "../inputs/" + "ab" * 32 + ".png",
+        "images/../inputs/" + "ab" * 32 + ".png",
+        "/images/inputs/" + "ab" * 32 + ".png",
+        "https://example.com/inputs/" + "ab" * 32 + ".png",
+        "images/inputs/" + "AB" * 32 + ".png",
+        "images/inputs/" + "ab" * 31 + ".png",
+        "images/inputs/" + "ab" * 32 + ".gif",
+        "images/2026/01/01/job/0.png",
+        KEY + "\n",
+        "C:\\inputs\\" + "ab" * 32 + ".png",
+        7,
+    ):
+        problem = param.check(bad)
+        assert problem is not None and "not the key of a stored input image" in problem, bad
+    assert "PNG, JPEG or WebP" in param.allowed()
+
+
+def test_required_image_must_be_given(tmp_path: Path) -> None:
+    template = image_template(
+        tmp_path,
+        image={"type": "image", "required": True, "bind": [{"node": "4", "input": "image"}]},
+    )
+    with pytest.raises(ParameterError) as caught:
+        template.resolve({"prompt": "p"})
+    assert [e.field for e in caught.value.errors] == ["image"]
+    assert "a value is required" in str(caught.value)
+    with pytest.raises(ParameterError, match="not the key of a stored input image"):
+        template.resolve({"prompt": "p", "image": "/etc/passwd"})
+    assert template.resolve({"prompt": "p", "image": KEY})["image"] == KEY
+
+
+def test_optional_image_without_value_keeps_the_graph_literal(tmp_path: Path) -> None:
+    template = image_template(
+        tmp_path, mask={"type": "image", "bind": [{"node": "5", "input": "image"}]}
+    )
+    params = template.resolve({"prompt": "p"})
+    assert "mask" not in params
+    assert template.bind(params)["5"]["inputs"]["image"] == "mask.png"
+    given = template.resolve({"prompt": "p", "mask": KEY})
+    graph = template.bind(given, images={"mask": "brigade/abc.png"})
+    assert graph["5"]["inputs"]["image"] == "brigade/abc.png"
+
+
+@pytest.mark.parametrize(
+    ("param", "message"),
+    [
+        (
+            {"type": "image", "default": KEY, "bind": [{"node": "4", "input": "image"}]},
+            "an image parameter cannot have a default",
+        ),
+        (
+            {"type": "image", "required": True, "bind": [{"node": "1", "input": "height"}]},
+            "holds 64, not a image value",
+        ),
+        (
+            {"type": "image", "max_length": 9, "bind": [{"node": "4", "input": "image"}]},
+            "max_length does not apply to a image parameter",
+        ),
+    ],
+)
+def test_broken_image_parameters(tmp_path: Path, param: dict[str, Any], message: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        image_template(tmp_path, image=param)
+    assert caught.value.param == "image"
+    assert message in str(caught.value)

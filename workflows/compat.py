@@ -17,6 +17,9 @@ from typing import Any
 from workflows.manifest import show
 from workflows.template import Template, _is_link
 
+#: Stands in for a required input image: the renderer uploads the real one before submitting.
+_PLACEHOLDER_IMAGE = "inputs/" + "0" * 64 + ".png"
+
 #: Input types whose literal values ComfyUI checks against min/max.
 _NUMBERS: dict[str, type | tuple[type, ...]] = {"INT": int, "FLOAT": (int, float)}
 
@@ -31,6 +34,8 @@ def default_params(template: Template) -> dict[str, Any]:
             values[name] = int(param.min or 0)
         elif param.type == "string":
             values[name] = "a test prompt"
+        elif param.type == "image" and param.required:
+            values[name] = _PLACEHOLDER_IMAGE
     return template.resolve(values)
 
 
@@ -43,6 +48,13 @@ def check_template(
     (default: its defaults). An empty list means it should run."""
     graph = template.bind(params if params is not None else default_params(template))
     problems: list[str] = []
+    # An image parameter's file is uploaded just before the prompt: not on the server yet.
+    uploaded = {
+        (binding.node, binding.input)
+        for param in template.manifest.params.values()
+        if param.type == "image"
+        for binding in param.bind
+    }
     for node_id, node in graph.items():
         cls = node["class_type"]
         label = _label(node_id, node)
@@ -59,7 +71,7 @@ def check_template(
                 problems.append(f"{label}: required input {name!r} is missing")
         for name, value in inputs.items():
             declared = required.get(name, optional.get(name))
-            if declared is None:
+            if declared is None or (node_id, name) in uploaded:
                 continue  # ComfyUI ignores inputs a class does not declare
             problem = (
                 _check_link(value, declared, graph, object_info)

@@ -33,10 +33,18 @@ from pydantic import (
 Scalar = str | int | float | bool
 """What a parameter resolves to, and what binding writes into a graph."""
 
-ParamType = Literal["string", "int", "float", "choice", "bool"]
+ParamType = Literal["string", "int", "float", "choice", "bool", "image"]
 
 WORKFLOW_NAME = r"^[a-z0-9][a-z0-9-]{0,63}$"
 PARAM_NAME = r"^[a-z][a-z0-9_]{0,31}$"
+
+INPUT_IMAGE_KEY = re.compile(
+    r"(?:(?!\.\.?/)[A-Za-z0-9._-]{1,64}/){0,8}inputs/[0-9a-f]{64}\.(?:png|jpg|webp)"
+)
+"""The value of an ``image`` parameter: the key of an input image a frontend stored,
+``<prefix>/inputs/<sha256 of the bytes>.<png|jpg|webp>`` (``storage.inputs``). Nothing
+else, so a job can never name a path, a URL or another job's objects; the store checks
+the prefix itself when the renderer reads the key."""
 
 # Newline and tab are ordinary in prompts; every other C0 control (NUL above all) is
 # refused because ComfyUI, PNG text chunks and Discord each mangle them differently.
@@ -85,9 +93,13 @@ class Parameter(_Model):
 
     ``default`` is what an absent value becomes. A parameter is either ``required``, or
     has a ``default``, or (an int such as ``seed``) is ``random``: absent, it is drawn.
+    An ``image`` parameter has no default: optional and absent, the graph keeps its own
+    literal (the resolved parameters leave it out).
     """
 
     type: ParamType
+    """``image``: an input image (see :data:`INPUT_IMAGE_KEY`), bound to a ``LoadImage``
+    node's ``image`` input; the renderer uploads it and binds the backend's file name."""
     description: str = ""
     required: StrictBool = False
     default: StrictBool | StrictInt | StrictFloat | StrictStr | None = None
@@ -156,11 +168,16 @@ class Parameter(_Model):
                 return "a choice parameter needs a non-empty list of choices"
             if len(set(self.choices)) != len(self.choices):
                 return "choices are not unique"
+        if self.type == "image" and self.default is not None:
+            return (
+                "an image parameter cannot have a default;"
+                " make it optional to keep the graph's own image"
+            )
         if self.required and self.default is not None:
             return "a required parameter cannot have a default"
         if self.required and self.random:
             return "a random parameter cannot be required"
-        if not self.required and not self.random and self.default is None:
+        if not self.required and not self.random and self.default is None and self.type != "image":
             return "needs a default (or required: true, or random: true)"
         bound_to = [(b.node, b.input) for b in self.bind]
         if len(set(bound_to)) != len(bound_to):
@@ -175,6 +192,8 @@ class Parameter(_Model):
             return ", ".join(self.choices or ())
         if self.type == "bool":
             return "true or false"
+        if self.type == "image":
+            return "an image uploaded with the job (PNG, JPEG or WebP)"
         if self.min is not None and self.max is not None:
             text = f"{_number(self.min)} to {_number(self.max)}"
         elif self.min is not None:
@@ -214,6 +233,10 @@ class Parameter(_Model):
             return None
         if self.type == "bool":
             return None if isinstance(value, bool) else f"{show(value)} must be true or false"
+        if self.type == "image":
+            if isinstance(value, str) and INPUT_IMAGE_KEY.fullmatch(value) is not None:
+                return None
+            return f"{show(value)} is not the key of a stored input image"
         if self.type == "int":
             if isinstance(value, bool) or not isinstance(value, int):
                 return f"{show(value)} must be a whole number"

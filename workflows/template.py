@@ -30,6 +30,8 @@ MAX_RANDOM_SEED = 2**53 - 1
 
 _SYSTEM_RANDOM = random.SystemRandom()
 
+_CONTROL = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
 # A node's identity as far as binding is concerned: everything except literal values.
 _Shape = tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[tuple[str, str, int], ...]]
 
@@ -90,6 +92,8 @@ class Template:
                     resolved[name] = param.default
                 elif param.random:
                     resolved[name] = _draw(param, rng or _SYSTEM_RANDOM)
+                elif param.type == "image" and not param.required:
+                    pass  # the graph keeps its own image
                 else:
                     errors.append(
                         FieldError(
@@ -106,16 +110,32 @@ class Template:
             raise ParameterError(errors)
         return resolved
 
-    def bind(self, params: Mapping[str, Scalar]) -> dict[str, Any]:
+    def bind(
+        self, params: Mapping[str, Scalar], images: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
         """Return a fresh copy of the graph with every parameter written into its bindings.
 
-        ``params`` must be what :meth:`resolve` returned: every parameter, nothing else,
-        each valid (checked again here, because a renderer binds what a queue handed it).
-        Raises :class:`ParameterError` otherwise.
+        ``params`` must be what :meth:`resolve` returned: every parameter (an optional
+        ``image`` one may be absent), nothing else, each valid (checked again here,
+        because a renderer binds what a queue handed it). ``images`` maps an ``image``
+        parameter to the file name its backend gave the uploaded image, which is what
+        gets written (without it, the stored key is). Raises :class:`ParameterError`
+        otherwise.
         """
+        images = images or {}
         errors = self._unknown(params)
+        for name in images:
+            param = self.manifest.params.get(name)
+            if param is None or param.type != "image" or name not in params:
+                errors.append(FieldError(name, f"{name}: an uploaded image for no image value"))
+            elif not isinstance(images[name], str) or _bad_upload_name(images[name]):
+                errors.append(
+                    FieldError(name, f"{name}: {show(images[name])} is not a usable file name")
+                )
         for name, param in self.manifest.params.items():
             if name not in params:
+                if param.type == "image" and not param.required:
+                    continue
                 errors.append(
                     FieldError(name, f"{name}: missing; bind takes every parameter resolved")
                 )
@@ -128,7 +148,9 @@ class Template:
 
         graph = cast(dict[str, Any], _thaw(self.graph))
         for name, param in self.manifest.params.items():
-            value = param.coerce(params[name])
+            if name not in params:
+                continue
+            value = images.get(name, param.coerce(params[name]))
             for binding in param.bind:
                 graph[binding.node]["inputs"][binding.input] = value
         if _structure(graph) != self._shape:
@@ -312,8 +334,13 @@ def _check_bindings(manifest: Manifest, graph: Mapping[str, Any], path: Path) ->
             raise ManifestError(path, f'output node "{output}" is not in {manifest.graph}')
 
 
+def _bad_upload_name(name: str) -> bool:
+    """A backend's name for an upload is short text with no control characters."""
+    return not name or len(name) > 1024 or _CONTROL.search(name) is not None
+
+
 def _compatible(param: Parameter, value: object) -> bool:
-    if param.type in ("string", "choice"):
+    if param.type in ("string", "choice", "image"):
         return isinstance(value, str)
     if param.type == "bool":
         return isinstance(value, bool)

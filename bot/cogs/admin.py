@@ -54,7 +54,7 @@ def admin_only() -> Callable[[T], T]:
 
 def parse_quota_value(field: str, text: str) -> Any:
     """``/quota set``'s value as the field's type; :class:`Refused` when it is not one."""
-    text = text.strip()
+    text = str(text).strip()  # the gateway may deliver any JSON value
     lowered = text.lower()
     if field in NUMBER_FIELDS:
         if lowered in ("none", "off", "unlimited"):
@@ -225,7 +225,7 @@ class Admin(commands.Cog):
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         await self._answer(
-            interaction, await flow.cancel_command(self.bot, interaction, job.strip())
+            interaction, await flow.cancel_command(self.bot, interaction, str(job).strip())
         )
 
     @queue.command(name="retry", description="Send a failed job back from the dead-letter queue")

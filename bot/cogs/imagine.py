@@ -13,6 +13,7 @@ from bot import flow
 from bot.client import BrigadeBot
 from bot.constants import COUNT_MAX, MAX_CHOICES, NEGATIVE_MAX_LENGTH, PROMPT_MAX_LENGTH, SEED_MAX
 from bot.errors import reply_error
+from bot.images import attachment_params
 from jobs.models import JobRequest
 from workflows import Parameter, Template, UnknownWorkflow
 
@@ -65,6 +66,9 @@ async def allowed_workflows(bot: BrigadeBot, guild_id: int | None) -> list[str]:
 
 class WorkflowTransformer(app_commands.Transformer):
     """A workflow by name: suggested from what the guild allows, turned into its template."""
+
+    #: The option it reads, named when its value is refused (``bot.errors.explain``).
+    option = "workflow"
 
     async def autocomplete(  # type: ignore[override]
         self, interaction: discord.Interaction[Any], value: str
@@ -130,6 +134,8 @@ class Imagine(commands.Cog):
         seed="The same seed and settings give the same picture",
         count="How many pictures (1 to 4)",
         lane="Which queue (where there are several)",
+        image="A picture to start from, for workflows that take one (PNG, JPEG or WebP)",
+        image2="A second picture, for workflows that take two",
     )
     @app_commands.choices(
         aspect=[
@@ -146,19 +152,26 @@ class Imagine(commands.Cog):
         seed: app_commands.Range[int, 0, SEED_MAX] | None = None,
         count: app_commands.Range[int, 1, COUNT_MAX] = 1,
         lane: str | None = None,
+        image: discord.Attachment | None = None,
+        image2: discord.Attachment | None = None,
     ) -> None:
         await flow.defer_public(interaction)
         template = workflow or self.bot.front.catalog.get(
             await self.default_workflow(interaction.guild_id)
         )
+        # Refused here (the workflow takes no image, a required one is missing, a file is
+        # too large or not an image): an ephemeral reply, nothing queued or charged.
+        images = await attachment_params(self.bot, template, [image, image2])
         size = size_for(template, aspect.value) if aspect is not None else None
         fields: dict[str, Any] = {
             "workflow": template.name,
             "prompt": prompt,
             "negative": negative,
             "seed": seed,
-            "count": count,
+            # count has a default (1); a workflow without a batch takes none at all.
+            "count": count if count != 1 or "batch" in template.manifest.params else None,
             "lane": lane,
+            "params": images,
         }
         if size is not None:
             fields["width"], fields["height"] = size

@@ -20,13 +20,19 @@ Scalar = str | int | float | bool
 
 @dataclass(frozen=True, slots=True)
 class RenderTask:
-    """One job as a backend sees it: the bound graph and the resolved parameters."""
+    """One job as a backend sees it: the bound graph and the resolved parameters.
+
+    ``images`` holds the bytes of each ``image`` parameter the job gave (already handed
+    to :meth:`Backend.upload_image`, whose answer is bound into ``graph``), for backends
+    that read inputs themselves rather than through the graph.
+    """
 
     job_id: str
     attempt: int
     workflow: str
     graph: Mapping[str, Any]
     params: Mapping[str, Scalar]
+    images: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +65,15 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Release everything. Safe to call twice."""
+
+    async def upload_image(self, name: str, data: bytes) -> str:
+        """Make the input image ``data`` available to the engine before a render.
+
+        ``name`` is a content address (``<sha256>.<png|jpg|webp>``), so uploading the same
+        name twice is harmless. Returns the file name to bind into the graph (ComfyUI's
+        ``LoadImage`` ``image`` input). Raise ``RenderError`` subclasses, like ``render``.
+        """
+        ...
 
     async def render(self, task: RenderTask, report: Reporter) -> RenderResult:
         """Render ``task``. Raise ``RenderFailed`` subclasses from ``renderer.exceptions``."""

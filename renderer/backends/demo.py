@@ -11,6 +11,16 @@ Parameters read from the task: ``prompt``, ``seed`` (0 when absent), ``steps`` (
 ``width`` and ``height`` (512) and ``batch`` (1). Out-of-range values raise
 ``InvalidWorkflow`` naming the parameter.
 
+Input images (the ``image`` parameter, bytes in ``task.images``), still no model:
+
+* **img2img-like**: the walk starts from the input image (scaled down to fit ``width``
+  x ``height``, 512 by default, sides cut to a multiple of 8) instead of grey noise, and
+  ends at a blend of the input and the hashed picture weighted by ``denoise`` (0: the
+  input back, 1: the input ignored) — how a sampler's denoise strength behaves, without
+  any understanding;
+* **upscale** (a ``scale_by`` parameter): the input resized by Pillow's Lanczos filter,
+  as ComfyUI's ``ImageScaleBy`` does, in one step.
+
 Determinism: the same (prompt, seed, width, height, steps) gives byte-identical PNGs on
 every run, on CPU or CUDA. Every random number is drawn on the CPU from a
 ``torch.Generator`` seeded with SHA-256 of the prompt and the seed, then moved to the
@@ -26,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import colorsys
 import ctypes
+import dataclasses
 import hashlib
 import importlib
 import io
@@ -81,6 +92,8 @@ class DemoParams:
     width: int
     height: int
     batch: int
+    denoise: float = 1.0
+    scale_by: float | None = None
 
     @classmethod
     def parse(cls, params: Mapping[str, Scalar]) -> DemoParams:
@@ -88,6 +101,7 @@ class DemoParams:
         prompt = params.get("prompt", "")
         if not isinstance(prompt, str):
             raise InvalidWorkflow(f"prompt must be text, got {type(prompt).__name__}")
+        scale_by = params.get("scale_by")
         return cls(
             prompt=prompt,
             seed=_int_param(params, "seed", 0),
@@ -95,7 +109,50 @@ class DemoParams:
             width=_int_param(params, "width", 512, 1, MAX_SIDE),
             height=_int_param(params, "height", 512, 1, MAX_SIDE),
             batch=_int_param(params, "batch", 1, 1, MAX_BATCH),
+            denoise=_float_param(params, "denoise", 1.0, 0.0, 1.0),
+            scale_by=None if scale_by is None else _float_param(params, "scale_by", 1.0, 0.01, 8.0),
         )
+
+
+def _float_param(
+    params: Mapping[str, Scalar], name: str, default: float, low: float, high: float
+) -> float:
+    value = params.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidWorkflow(f"{name} must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidWorkflow(f"{name} must be from {low:g} to {high:g}, got {value}")
+    return float(value)
+
+
+def fit_init(data: bytes, width: int, height: int) -> Image.Image:
+    """The input image as RGB, scaled down to fit ``width`` x ``height``, sides multiples of 8."""
+    with Image.open(io.BytesIO(data)) as opened:
+        image = opened.convert("RGB")
+    scale = min(1.0, width / image.width, height / image.height)
+    size = (
+        max(LATENT_FACTOR, int(image.width * scale) // LATENT_FACTOR * LATENT_FACTOR),
+        max(LATENT_FACTOR, int(image.height * scale) // LATENT_FACTOR * LATENT_FACTOR),
+    )
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def upscale(data: bytes, scale_by: float) -> bytes:
+    """``ImageScaleBy`` with Lanczos: the input resized, no side beyond ``MAX_SIDE``."""
+    with Image.open(io.BytesIO(data)) as opened:
+        image = opened.convert("RGB")
+    scale = min(scale_by, MAX_SIDE / image.width, MAX_SIDE / image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return encode_png(image.resize(size, Image.Resampling.LANCZOS))
+
+
+def from_image(torch: Any, image: Image.Image, device: Any) -> Any:
+    """An 8-bit RGB image as a ``(3, H, W)`` float32 tensor in [0, 1] on ``device``."""
+    raw = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    hwc = raw.view(image.height, image.width, 3)
+    return hwc.permute(2, 0, 1).to(device=device, dtype=torch.float32).div_(255.0)
 
 
 def _int_param(
@@ -232,7 +289,9 @@ class _Sampler:
     Built and stepped in a worker thread; never touched by two threads at a time.
     """
 
-    def __init__(self, torch: Any, device: Any, params: DemoParams) -> None:
+    def __init__(
+        self, torch: Any, device: Any, params: DemoParams, init: Image.Image | None = None
+    ) -> None:
         self._torch = torch
         self._device = device
         self._params = params
@@ -250,6 +309,11 @@ class _Sampler:
             ]
         )
         self._start = self._latent_noise().mul_(0.25).add_(0.5)
+        if init is not None:
+            # img2img as a demo: start at the input, end at it blended toward the picture.
+            pixels = from_image(torch, init, device).unsqueeze(0).expand_as(self._target)
+            self._target = torch.lerp(pixels, self._target, params.denoise)
+            self._start = torch.lerp(pixels, self._start, params.denoise)
         # Reused every step: at 2048 px x 8 a fresh tensor per step is 400 MB of churn.
         self._buffer = torch.empty_like(self._target)
         self._current = self._start
@@ -372,12 +436,19 @@ class DemoBackend:
         ``BackendUnavailable`` when torch cannot be loaded.
         """
         params = DemoParams.parse(task.params)
+        init_data = task.images.get("image")
+        if init_data is not None and params.scale_by is not None:
+            return await self._upscale(task, init_data, params.scale_by, report)
+        init = None
+        if init_data is not None:
+            init = await _in_thread(fit_init, init_data, params.width, params.height)
+            params = dataclasses.replace(params, width=init.width, height=init.height)
         await self.start()
         torch, device, settings = self._torch, self._device, self._settings
         throttle = PreviewThrottle(settings.preview_interval_seconds)
         began = time.monotonic()
         try:
-            sampler = await _in_thread(_Sampler, torch, device, params)
+            sampler = await _in_thread(_Sampler, torch, device, params, init)
             for step in range(1, params.steps + 1):
                 step_began = time.monotonic()
                 wants_preview = step == params.steps or throttle.should_send()
@@ -407,6 +478,20 @@ class DemoBackend:
             batch=params.batch,
         )
         return RenderResult(images=images, timings={"render": seconds})
+
+    async def upload_image(self, name: str, data: bytes) -> str:
+        """Nothing to upload: the demo reads ``task.images``. Returns ``name`` unchanged."""
+        return name
+
+    async def _upscale(
+        self, task: RenderTask, data: bytes, scale_by: float, report: Reporter
+    ) -> RenderResult:
+        began = time.monotonic()
+        png = await _in_thread(upscale, data, scale_by)
+        await report.progress(1, 1, node="demo")
+        seconds = time.monotonic() - began
+        log.info("demo.upscaled", job_id=task.job_id, seconds=round(seconds, 3), scale=scale_by)
+        return RenderResult(images=[png], timings={"render": seconds})
 
 
 def create(settings: RendererSettings) -> DemoBackend:

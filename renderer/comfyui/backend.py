@@ -42,6 +42,8 @@ STATS_INTERVAL_SECONDS = 15.0
 #: Model files a heartbeat lists as probably loaded (a GPU holds a few at most).
 REMEMBERED_MODELS = 4
 #: Namespace of the client ids derived from worker ids (any fixed UUID would do).
+#: Input images go to ComfyUI's ``input/brigade/``, away from files people put there.
+UPLOAD_SUBFOLDER = "brigade"
 CLIENT_ID_NAMESPACE = uuid.UUID("5b0f2f9e-8e0c-4c1e-9d6a-6f1c1e2b7a10")
 
 
@@ -148,6 +150,17 @@ class ComfyUIBackend:
             "restarts": self._supervisor.restarts if self._supervisor is not None else 0,
             "models": list(reversed(self._models)),
         }
+
+    async def upload_image(self, name: str, data: bytes) -> str:
+        """Upload an input image into ComfyUI's ``input/brigade/`` and return the name
+        ``LoadImage`` takes (``brigade/<name>``). Names are content addresses, so
+        overwriting is harmless and a retried job uploads the same file again."""
+        await self.start()
+        try:
+            return await self.client.upload_image(name, data, subfolder=UPLOAD_SUBFOLDER)
+        except BackendUnavailable:
+            await self._await_restart()
+            raise
 
     async def render(self, task: RenderTask, report: Reporter) -> RenderResult:
         """Render ``task.graph`` as prompt ``task.job_id``: PNG images in output order.

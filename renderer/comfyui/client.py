@@ -53,6 +53,9 @@ from renderer.exceptions import RenderError
 
 log = structlog.get_logger(__name__)
 
+#: Jitter for backoffs, apart from the global ``random`` (tests and libraries share that).
+_JITTER = random.Random()
+
 #: First reconnection pause; it doubles per failed attempt (with full jitter) up to the cap.
 RECONNECT_BASE_SECONDS = 0.25
 #: Failed connection attempts in a row before the reader stops (and waits to be needed).
@@ -312,6 +315,25 @@ class ComfyUIClient:
         _, raw = await self._request("GET", "view", params=params)
         return raw
 
+    async def upload_image(
+        self, filename: str, data: bytes, *, subfolder: str = "", overwrite: bool = True
+    ) -> str:
+        """``POST /upload/image`` (multipart ``image``, ``type=input``, ``subfolder``,
+        ``overwrite``) and return the name a ``LoadImage`` node takes: ``subfolder/name``
+        as ComfyUI answered it (it renames ``x.png`` to ``x (1).png`` when it holds
+        another file under that name and ``overwrite`` is off)."""
+        form = aiohttp.FormData()
+        form.add_field("image", data, filename=filename, content_type="application/octet-stream")
+        form.add_field("type", "input")
+        form.add_field("subfolder", subfolder)
+        form.add_field("overwrite", "true" if overwrite else "false")
+        _, raw = await self._request("POST", "upload/image", form=form)
+        answer = self._json_object(raw, "POST /upload/image")
+        name, folder = answer.get("name"), answer.get("subfolder", "")
+        if not isinstance(name, str) or not name or not isinstance(folder, str):
+            raise UnexpectedResponse(f"POST /upload/image answered {raw[:200]!r}")
+        return f"{folder.strip('/')}/{name}" if folder.strip("/") else name
+
     async def delete_history(self, prompt_ids: Iterable[str]) -> None:
         """``POST /history {"delete": [...]}``."""
         await self._request("POST", "history", json_body={"delete": list(prompt_ids)})
@@ -475,6 +497,7 @@ class ComfyUIClient:
         params: Mapping[str, str] | None = None,
         allow: tuple[int, ...] = (),
         timeout: float | None = None,
+        form: aiohttp.FormData | None = None,
     ) -> tuple[int, bytes]:
         """The one way to call ComfyUI's HTTP API: ``(status, body)`` for a 2xx or an
         ``allow``-ed status; any other status, a timeout or a connection failure raises
@@ -482,8 +505,10 @@ class ComfyUIClient:
         if self._closing:
             raise RuntimeError("this ComfyUI client is closed")
         seconds = self.request_timeout if timeout is None else timeout
-        data = None if json_body is None else json.dumps(json_body, default=_plain)
-        headers = {} if data is None else {"Content-Type": "application/json"}
+        data: str | aiohttp.FormData | None = (
+            form if json_body is None else json.dumps(json_body, default=_plain)
+        )
+        headers = {"Content-Type": "application/json"} if json_body is not None else {}
         try:
             async with self._open_session().request(
                 method,
@@ -527,7 +552,7 @@ class ComfyUIClient:
 
     def _backoff(self, failures: int) -> float:
         ceiling = min(self.reconnect_max_seconds, RECONNECT_BASE_SECONDS * 2 ** (failures - 1))
-        return random.uniform(0, ceiling)
+        return _JITTER.uniform(0, ceiling)
 
     async def _read(self) -> None:
         """Own the WebSocket: connect, pump frames, reconnect; give up after

@@ -606,6 +606,29 @@ NODES: dict[str, dict[str, Any]] = {
     ),
 }
 
+# Image-input nodes (img2img and upscale templates), as nodes.py defines them.
+UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+NODES["VAEEncode"] = _v1_node(
+    "VAEEncode",
+    inputs={"required": {"pixels": ["IMAGE"], "vae": ["VAE"]}},
+    outputs=("LATENT",),
+    category="latent",
+    display_name="VAE Encode",
+)
+NODES["ImageScaleBy"] = _v1_node(
+    "ImageScaleBy",
+    inputs={
+        "required": {
+            "image": ["IMAGE"],
+            "upscale_method": [list(UPSCALE_METHODS)],
+            "scale_by": ["FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01}],
+        }
+    },
+    outputs=("IMAGE",),
+    category="image/upscaling",
+    display_name="Upscale Image By",
+)
+
 # Combo inputs whose values are files: (class, input) -> the folder that lists them.
 FOLDER_INPUTS: dict[tuple[str, str], str] = {
     ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
@@ -614,6 +637,182 @@ FOLDER_INPUTS: dict[tuple[str, str], str] = {
     ("DualCLIPLoader", "clip_name2"): "text_encoders",
     ("VAELoader", "vae_name"): "vae",
     ("LoadImage", "image"): "input",
+}
+
+# Loaders and nodes of imported workflows (``brigade workflows add``), as ComfyUI 0.8.0
+# serves them in /object_info so ``workflows check`` can judge graphs that use them.
+# They have no runner here: a prompt that reaches one fails as it runs.
+_STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
+NODES.update(
+    {
+        "LoraLoader": _v1_node(
+            "LoraLoader",
+            inputs={
+                "required": {
+                    "model": [
+                        "MODEL",
+                        {"tooltip": "The diffusion model the LoRA will be applied to."},
+                    ],
+                    "clip": ["CLIP", {"tooltip": "The CLIP model the LoRA will be applied to."}],
+                    "lora_name": [[], {"tooltip": "The name of the LoRA."}],
+                    "strength_model": [
+                        "FLOAT",
+                        {
+                            **_STRENGTH,
+                            "tooltip": "How strongly to modify the diffusion model. This value"
+                            " can be negative.",
+                        },
+                    ],
+                    "strength_clip": [
+                        "FLOAT",
+                        {
+                            **_STRENGTH,
+                            "tooltip": "How strongly to modify the CLIP model. This value can"
+                            " be negative.",
+                        },
+                    ],
+                }
+            },
+            outputs=("MODEL", "CLIP"),
+            category="loaders",
+            display_name="Load LoRA",
+            description=(
+                "LoRAs are used to modify diffusion and CLIP models, altering the way in which"
+                " latents are denoised such as applying styles. Multiple LoRA nodes can be"
+                " linked together."
+            ),
+            output_tooltips=("The modified diffusion model.", "The modified CLIP model."),
+        ),
+        "LoraLoaderModelOnly": _v1_node(
+            "LoraLoaderModelOnly",
+            inputs={
+                "required": {
+                    "model": ["MODEL"],
+                    "lora_name": [[]],
+                    "strength_model": ["FLOAT", dict(_STRENGTH)],
+                }
+            },
+            outputs=("MODEL",),
+            category="loaders",
+        ),
+        "ControlNetLoader": _v1_node(
+            "ControlNetLoader",
+            inputs={"required": {"control_net_name": [[]]}},
+            outputs=("CONTROL_NET",),
+            category="loaders",
+            display_name="Load ControlNet Model",
+        ),
+        "ControlNetApplyAdvanced": {
+            **_v1_node(
+                "ControlNetApplyAdvanced",
+                inputs={
+                    "required": {
+                        "positive": ["CONDITIONING"],
+                        "negative": ["CONDITIONING"],
+                        "control_net": ["CONTROL_NET"],
+                        "image": ["IMAGE"],
+                        "strength": [
+                            "FLOAT",
+                            {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01},
+                        ],
+                        "start_percent": [
+                            "FLOAT",
+                            {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001},
+                        ],
+                        "end_percent": [
+                            "FLOAT",
+                            {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001},
+                        ],
+                    },
+                    "optional": {"vae": ["VAE"]},
+                },
+                outputs=("CONDITIONING", "CONDITIONING"),
+                category="conditioning/controlnet",
+                display_name="Apply ControlNet",
+            ),
+            "output_name": ["positive", "negative"],
+        },
+        "UpscaleModelLoader": _v3_node(
+            "UpscaleModelLoader",
+            inputs={"required": {"model_name": [[], {}]}},
+            outputs=("UPSCALE_MODEL",),
+            category="loaders",
+            python_module="comfy_extras.nodes_upscale_model",
+            display_name="Load Upscale Model",
+        ),
+        "ImageUpscaleWithModel": _v3_node(
+            "ImageUpscaleWithModel",
+            inputs={"required": {"upscale_model": ["UPSCALE_MODEL", {}], "image": ["IMAGE", {}]}},
+            outputs=("IMAGE",),
+            category="image/upscaling",
+            python_module="comfy_extras.nodes_upscale_model",
+            display_name="Upscale Image (using Model)",
+        ),
+        "KSamplerAdvanced": _v1_node(
+            "KSamplerAdvanced",
+            inputs={
+                "required": {
+                    "model": ["MODEL"],
+                    "add_noise": [["enable", "disable"]],
+                    "noise_seed": [
+                        "INT",
+                        {
+                            "default": 0,
+                            "min": 0,
+                            "max": 18446744073709551615,
+                            "control_after_generate": True,
+                        },
+                    ],
+                    "steps": ["INT", {"default": 20, "min": 1, "max": 10000}],
+                    "cfg": [
+                        "FLOAT",
+                        {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01},
+                    ],
+                    "sampler_name": [list(SAMPLERS)],
+                    "scheduler": [list(SCHEDULERS)],
+                    "positive": ["CONDITIONING"],
+                    "negative": ["CONDITIONING"],
+                    "latent_image": ["LATENT"],
+                    "start_at_step": ["INT", {"default": 0, "min": 0, "max": 10000}],
+                    "end_at_step": ["INT", {"default": 10000, "min": 0, "max": 10000}],
+                    "return_with_leftover_noise": [["disable", "enable"]],
+                }
+            },
+            outputs=("LATENT",),
+            category="sampling",
+            display_name="KSampler (Advanced)",
+        ),
+        "LatentUpscaleBy": _v1_node(
+            "LatentUpscaleBy",
+            inputs={
+                "required": {
+                    "samples": ["LATENT"],
+                    "upscale_method": [["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]],
+                    "scale_by": [
+                        "FLOAT",
+                        {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01},
+                    ],
+                }
+            },
+            outputs=("LATENT",),
+            category="latent",
+            display_name="Upscale Latent By",
+        ),
+    }
+)
+FOLDER_INPUTS.update(
+    {
+        ("LoraLoader", "lora_name"): "loras",
+        ("LoraLoaderModelOnly", "lora_name"): "loras",
+        ("ControlNetLoader", "control_net_name"): "controlnet",
+        ("UpscaleModelLoader", "model_name"): "upscale_models",
+    }
+)
+#: Files in the other model folders (``ComfyUIEmulator.model_files``).
+DEFAULT_MODEL_FILES: dict[str, tuple[str, ...]] = {
+    "loras": ("add_detail.safetensors", "film_grain_style.safetensors"),
+    "controlnet": ("control_v11p_sd15_openpose.pth",),
+    "upscale_models": ("4x-UltraSharp.pth",),
 }
 
 
@@ -1459,8 +1658,9 @@ class ComfyUIEmulator:
     JSON body), ``loaded_models`` (name -> VRAM bytes), ``files`` ((type, subfolder,
     name) -> bytes: outputs, uploads). The knobs (``step_seconds``, ``history_delay``,
     ...), the model lists (``checkpoints``, ``diffusion_models``, ``text_encoders``,
-    ``vaes``, ``embeddings``), ``devices`` (``None``: one fake CUDA GPU of
-    ``vram_total``), ``preview_method`` and ``argv`` can be changed at any time.
+    ``vaes``, ``embeddings``; ``model_files`` by folder for the other folders),
+    ``devices`` (``None``: one fake CUDA GPU of ``vram_total``), ``preview_method`` and
+    ``argv`` can be changed at any time.
     """
 
     def __init__(
@@ -1480,6 +1680,8 @@ class ComfyUIEmulator:
         self.text_encoders = list(DEFAULT_TEXT_ENCODERS)
         self.vaes = list(DEFAULT_VAES)
         self.embeddings: list[str] = []
+        #: Files of the model folders with no list of their own above (loras, ...).
+        self.model_files = {folder: list(files) for folder, files in DEFAULT_MODEL_FILES.items()}
         self.preview_size = preview_size
         self.preview_method = preview_method
         self.history_delay = history_delay
@@ -1493,6 +1695,9 @@ class ComfyUIEmulator:
         self.submitted: list[dict[str, Any]] = []
         self.free_calls = 0
         self.interrupts: list[dict[str, Any] | None] = []
+        #: Set to a list to record ``(time.monotonic(), payload)`` of every binary frame
+        #: (a preview) as it is written to a socket (``bench/preview_latency.py``).
+        self.binary_frames_sent: list[tuple[float, bytes]] | None = None
         self.url = ""
         self.host = "127.0.0.1"
         self.port = 0
@@ -1520,6 +1725,8 @@ class ComfyUIEmulator:
             "PrimitiveInt": self._primitive,
             "PrimitiveStringMultiline": self._primitive,
             "LoadImage": self._load_image,
+            "VAEEncode": self._vae_encode,
+            "ImageScaleBy": self._image_scale_by,
         }
         self._reset_process_state()
 
@@ -1732,7 +1939,7 @@ class ComfyUIEmulator:
                 for kind, subfolder, name in self.files
                 if kind == "input" and subfolder == "" and _is_image_name(name)
             )
-        return []
+        return sorted(self.model_files.get(folder, ()))
 
     def _input_image_key(self, name: str) -> tuple[str, str, str] | None:
         filename, kind = _annotated(name)
@@ -2153,6 +2360,8 @@ class ComfyUIEmulator:
                 targets = [socket] if socket is not None else []
             for socket in targets:
                 await self._write(socket, message.payload)
+                if self.binary_frames_sent is not None and isinstance(message.payload, bytes):
+                    self.binary_frames_sent.append((time.monotonic(), message.payload))
 
     async def _open(self, socket: _Socket) -> None:
         if socket.closed:
@@ -2637,6 +2846,24 @@ class ComfyUIEmulator:
 
     async def _primitive(self, run: _Run, node_id: str, inputs: dict[str, Any]) -> _NodeResult:
         return (inputs["value"],), None
+
+    async def _vae_encode(self, run: _Run, node_id: str, inputs: dict[str, Any]) -> _NodeResult:
+        images: _Images = inputs["pixels"]
+        width, height = images.frames[0].size
+        # ComfyUI crops the pixels to a multiple of 8 before encoding.
+        return (_Latent(width // 8 * 8, height // 8 * 8, len(images.frames)),), None
+
+    async def _image_scale_by(self, run: _Run, node_id: str, inputs: dict[str, Any]) -> _NodeResult:
+        images: _Images = inputs["image"]
+        scale = float(inputs["scale_by"])
+        frames = tuple(
+            frame.resize(
+                (round(frame.width * scale), round(frame.height * scale)),
+                Image.Resampling.LANCZOS,
+            )
+            for frame in images.frames
+        )
+        return (_Images(frames),), None
 
     async def _load_image(self, run: _Run, node_id: str, inputs: dict[str, Any]) -> _NodeResult:
         name = str(inputs["image"])

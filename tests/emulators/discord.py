@@ -1540,6 +1540,8 @@ class DiscordEmulator:
         self.connections: list[GatewayConnection] = []
         self.invalid_requests = 0
         self.cdn: dict[int, Attachment] = {}
+        #: Ids of the attachments downloaded from the CDN, in order.
+        self.cdn_downloads: list[int] = []
         self.url = ""
         self.host = "127.0.0.1"
         self.port = 0
@@ -3394,6 +3396,7 @@ class DiscordEmulator:
         if time.time() > min(expires, attachment.expires):
             return gone
         kind = attachment.content_type or "application/octet-stream"
+        self.cdn_downloads.append(attachment.id)
         return web.Response(body=attachment.data, headers={"Content-Type": kind})
 
     # -- the gateway -------------------------------------------------------------------
