@@ -288,6 +288,9 @@ class Heartbeat(_Wire):
     vram_total: StrictInt | None = None
     vram_free: StrictInt | None = None
     models: list[StrictStr] = Field(default_factory=list)
+    #: The last measured load time of model files, seconds (ComfyUI: how long each loader
+    #: node ran; a cached loader loads nothing), so scheduling by model is measured.
+    model_load_seconds: dict[StrictStr, float] = Field(default_factory=dict)
     healthy: bool = True
     #: Times this renderer's supervisor restarted its ComfyUI (0 when it runs none).
     restarts: StrictInt = 0

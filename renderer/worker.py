@@ -376,6 +376,7 @@ class Worker:
             vram_total=_int(described.get("vram_total")),
             vram_free=_int(described.get("vram_free")),
             models=[str(m) for m in models] if isinstance(models, list) else [],
+            model_load_seconds=_load_seconds(described.get("model_load_seconds")),
             healthy=bool(described.get("healthy", True)),
             restarts=_int(described.get("restarts")) or 0,
             completed=self.completed,
@@ -522,3 +523,14 @@ def _int(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return int(value)
+
+
+def _load_seconds(value: object) -> dict[str, float]:
+    """Model load times a backend described, keeping only well-formed entries."""
+    if not isinstance(value, dict):
+        return {}
+    return {
+        str(file): float(seconds)
+        for file, seconds in value.items()
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool)
+    }

@@ -435,3 +435,20 @@ async def test_a_missing_or_unusable_url_is_backend_down(url: str | None) -> Non
 
     assert backend.describe()["healthy"] is False
     await backend.close()
+
+
+async def test_model_load_time_is_measured_and_a_cached_loader_loads_nothing(
+    comfyui_factory: ComfyUIFactory, backend_factory: BackendFactory
+) -> None:
+    emulator = await comfyui_factory(model_load_seconds=0.3)
+    backend = await backend_factory(emulator.url)
+    checkpoint = str(graph()["4"]["inputs"]["ckpt_name"])
+
+    cold = await backend.render(task(seed=1), RecordingReporter())
+    warm = await backend.render(task(seed=2), RecordingReporter())  # the loader is cached
+    described = backend.describe()
+
+    assert cold.timings["model_load"] >= 0.3
+    assert "model_load" not in warm.timings
+    assert described["model_load_seconds"][checkpoint] >= 0.3
+    assert described["models"][0] == checkpoint

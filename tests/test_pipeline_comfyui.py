@@ -277,6 +277,8 @@ async def test_heartbeats_carry_the_gpu_and_the_models_last_used(
     assert beat.worker_id == "gpu-3" and beat.backend == "comfyui"
     assert beat.device is not None and beat.vram_total == 24 * 2**30
     assert beat.models == [CHECKPOINT]
+    assert set(beat.model_load_seconds) == {CHECKPOINT}  # the emulator's first load
+    assert beat.model_load_seconds[CHECKPOINT] >= 0
     assert beat.healthy
 
 

@@ -22,7 +22,13 @@ from typing import Any
 import structlog
 
 from renderer.backends.base import RenderResult, RenderTask, Reporter
-from renderer.comfyui.client import ComfyUIClient, PreviewCallback, ProgressCallback, RunResult
+from renderer.comfyui.client import (
+    ComfyUIClient,
+    PreviewCallback,
+    ProgressCallback,
+    RunResult,
+    model_files,
+)
 from renderer.comfyui.exceptions import OOM_MESSAGE, ComfyUIUnavailable, ExecutionGlitch
 from renderer.comfyui.frames import PreviewFrame
 from renderer.comfyui.supervisor import ComfyUIDidNotStart, ComfyUISupervisor
@@ -69,6 +75,8 @@ class ComfyUIBackend:
         #: Model files of the last prompts that ran here, most recent last: what is most
         #: likely loaded (ComfyUI does not list its loaded models).
         self._models: dict[str, None] = {}
+        #: The last measured load time of each model file (seconds), newest last.
+        self._load_seconds: dict[str, float] = {}
         self._client_id = comfyui.client_id or default_client_id(settings.worker_id)
         self._client: ComfyUIClient | None = None
         self._stats: dict[str, Any] = {}
@@ -149,6 +157,7 @@ class ComfyUIBackend:
             and (self._supervisor is None or self._supervisor.healthy),
             "restarts": self._supervisor.restarts if self._supervisor is not None else 0,
             "models": list(reversed(self._models)),
+            "model_load_seconds": dict(self._load_seconds),
         }
 
     async def upload_image(self, name: str, data: bytes) -> str:
@@ -206,7 +215,7 @@ class ComfyUIBackend:
             raise
         if self._supervisor is not None:
             self._supervisor.record_success()
-        self._remember_models(task.graph)
+        self._remember_models(task.graph, result.loads)
         log.info(
             "comfyui.rendered",
             job_id=task.job_id,
@@ -217,16 +226,18 @@ class ComfyUIBackend:
         )
         return RenderResult(images=result.images, timings=dict(result.timings))
 
-    def _remember_models(self, graph: Mapping[str, Any]) -> None:
+    def _remember_models(self, graph: Mapping[str, Any], loads: Mapping[str, float]) -> None:
         for node in graph.values():
-            if "Loader" not in str(node.get("class_type", "")):
-                continue
-            for key, value in node.get("inputs", {}).items():
-                if key.endswith("_name") and isinstance(value, str):
-                    self._models.pop(value, None)
-                    self._models[value] = None
+            for file in model_files(node):
+                self._models.pop(file, None)
+                self._models[file] = None
+        for file, seconds in loads.items():
+            self._load_seconds.pop(file, None)
+            self._load_seconds[file] = seconds
         while len(self._models) > REMEMBERED_MODELS:
             del self._models[next(iter(self._models))]
+        while len(self._load_seconds) > REMEMBERED_MODELS:
+            del self._load_seconds[next(iter(self._load_seconds))]
 
     def _fault(self) -> None:
         """An OOM or a CUDA fault: enough of them in a row restart a supervised ComfyUI."""

@@ -125,6 +125,20 @@ class RunResult:
     #: The outputs came from an earlier run of this prompt id (found in the history).
     reused: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    #: Seconds each model file took to load in this prompt (a loader node that ComfyUI
+    #: ran; a cached one loaded nothing and is not here).
+    loads: dict[str, float] = field(default_factory=dict)
+
+
+def model_files(node: object) -> list[str]:
+    """The model files a loader node (``CheckpointLoaderSimple``, ``LoraLoader``, ...)
+    reads: its literal ``*_name`` inputs. Empty for any other node."""
+    if not isinstance(node, Mapping) or "Loader" not in str(node.get("class_type", "")):
+        return []
+    inputs = node.get("inputs")
+    if not isinstance(inputs, Mapping):
+        return []
+    return [v for k, v in inputs.items() if str(k).endswith("_name") and isinstance(v, str)]
 
 
 class _Signal(enum.Enum):
@@ -775,6 +789,9 @@ class _Run:
         self._stall_seconds = stall_seconds
         self._node: str | None = None
         self._step: int | None = None
+        #: The loader node running now and when it began, and what loads took.
+        self._loading: tuple[list[str], float] | None = None
+        self.loads: dict[str, float] = {}
         self._outputs: dict[str, Any] = {}
         self._failure: RenderError | None = None
         self._interrupted = False
@@ -873,9 +890,13 @@ class _Run:
         data = message.data
         if message.type == "executing":
             node = data.get("node")
+            self._loaded()
             if node is None:
                 return True
             self._node = str(node)
+            files = model_files(self._graph.get(self._node))
+            if files:
+                self._loading = (files, time.monotonic())
             self._touch()
         elif message.type == "progress":
             self._step = _int(data.get("value"))
@@ -898,6 +919,15 @@ class _Run:
         else:  # execution_start, execution_cached, execution_success, progress_state
             self._touch()
         return False
+
+    def _loaded(self) -> None:
+        """The node after a loader began (or the prompt ended): the loader is done."""
+        if self._loading is not None:
+            files, began = self._loading
+            self._loading = None
+            seconds = round(time.monotonic() - began, 4)
+            for file in files:
+                self.loads[file] = seconds
 
     async def _stall(self) -> dict[str, Any] | None:
         """Nothing for the stall limit. If ComfyUI finished the prompt all the same (its
@@ -964,7 +994,11 @@ class _Run:
             raise
         await client._forget(prompt_id)
         timings = {"comfyui": round(ran - began, 4), "fetch": round(time.monotonic() - ran, 4)}
-        return RunResult(prompt_id, images, files, reused=reused, timings=timings)
+        if self.loads:
+            timings["model_load"] = round(max(self.loads.values()), 4)
+        return RunResult(
+            prompt_id, images, files, reused=reused, timings=timings, loads=dict(self.loads)
+        )
 
     def _raise_known(self) -> None:
         """Raise what the frames already told: a cancel, a stall, an error, an interrupt."""
