@@ -215,10 +215,11 @@ class QuotaChange(BaseModel):
     max_count: int | None = Field(default=None, ge=1)
     workflows: list[StrictStr] | None = None
     lanes: list[StrictStr] | None = None
+    models: list[StrictStr] | None = None
     banned_words: list[StrictStr] | None = None
     nsfw_workflows: list[StrictStr] | None = None
 
-    @field_validator("workflows", "lanes", "banned_words", "nsfw_workflows")
+    @field_validator("workflows", "lanes", "models", "banned_words", "nsfw_workflows")
     @classmethod
     def _encodable(cls, items: list[str] | None) -> list[str] | None:
         # JSON can carry a lone surrogate ("\ud800"): stored, it could never be sent back.

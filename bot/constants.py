@@ -32,3 +32,5 @@ PROMPT_SHOWN = 300
 #: Seconds between progress edits of a message over an hour old: Discord caps those
 #: edits (30046), and the final edit must still get through.
 OLD_MESSAGE_INTERVAL_SECONDS = 30.0
+#: Longest model file name an option takes (manifests bound file names at 255).
+MODEL_NAME_MAX_LENGTH = 255

@@ -143,7 +143,12 @@ class Admission:
             idempotency_key=idempotency_key,
         )
         if quota is not None:
-            errors.extend(check_request(quota, job))
+            folders = {
+                name: param.folder
+                for name, param in manifest.params.items()
+                if param.folder is not None
+            }
+            errors.extend(check_request(quota, job, folders))
         if errors:
             raise InvalidRequest(errors)
         return job
@@ -181,9 +186,13 @@ class Admission:
         except JobsError:
             # The broker is not there: not admitted, nothing left behind (a job released
             # before it failed stays). A cancelled submit keeps its row instead: the broker
-            # may have taken it, and a later release decides.
-            await self._ledger.forget(job.job_id)
-            raise
+            # may have taken it, and a later release decides. This job may itself have been
+            # published before another one's publish failed: then it is admitted.
+            current = await self._ledger.get(job.job_id)
+            if current is None or not current.published:
+                await self._ledger.forget(job.job_id)
+                raise
+            released = [job.job_id]
         published = job.job_id in released
         log.info(
             "job.admitted",

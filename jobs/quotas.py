@@ -49,6 +49,9 @@ class QuotaSettings(BaseModel):
     workflows: list[str] | None = None
     #: Lanes this tenant may use; None = every lane.
     lanes: list[str] | None = None
+    #: Model files (checkpoints, LoRAs, ...: parameters with a ``folder``) this tenant
+    #: may use; None = any the renderers have.
+    models: list[str] | None = None
     #: Words refused in prompts and negatives (whole words, any case).
     banned_words: list[str] = Field(default_factory=list)
     #: Workflows allowed only in age-restricted channels.
@@ -107,10 +110,21 @@ def check_paused(settings: QuotaSettings) -> None:
         raise QuotaExceeded("paused", "New jobs are paused here for now; an admin can resume them.")
 
 
-def check_request(settings: QuotaSettings, job: Job) -> list[FieldError]:
-    """Every rule ``job`` breaks, as field errors naming what is allowed."""
+def check_request(
+    settings: QuotaSettings, job: Job, folders: Mapping[str, str] | None = None
+) -> list[FieldError]:
+    """Every rule ``job`` breaks, as field errors naming what is allowed. ``folders``:
+    the workflow's model file parameters (name to models folder)."""
     errors: list[FieldError] = []
     params = job.params
+    if settings.models is not None:
+        allowed = ", ".join(settings.models) or "none"
+        for name in sorted(folders or {}):
+            value = params.get(name)
+            if isinstance(value, str) and value not in settings.models:
+                errors.append(
+                    FieldError(name, f"{name}: {value!r} is not enabled here (allowed: {allowed})")
+                )
     if settings.workflows is not None and job.workflow not in settings.workflows:
         allowed = ", ".join(settings.workflows) or "none"
         errors.append(

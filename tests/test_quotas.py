@@ -87,6 +87,18 @@ RULES = [
     ({"max_count": 2}, {"count": 3}, "batch", "at most 2"),
     ({"banned_words": ["Fox"]}, {}, "prompt", "'Fox', a word this server does not allow"),
     ({"nsfw_workflows": ["demo"]}, {}, "workflow", "only in age-restricted channels"),
+    (
+        {"models": ["mine.safetensors"]},
+        {"workflow": "sd15-txt2img", "checkpoint": "theirs.safetensors"},
+        "checkpoint",
+        "'theirs.safetensors' is not enabled here (allowed: mine.safetensors)",
+    ),
+    (  # the workflow's own default model is held to the list too
+        {"models": []},
+        {"workflow": "sd15-txt2img"},
+        "checkpoint",
+        "is not enabled here (allowed: none)",
+    ),
 ]
 
 
@@ -108,6 +120,13 @@ async def test_rules_on_the_request_name_the_field_and_the_limit(
     assert [e.field for e in caught.value.errors] == [field]
     assert message in str(caught.value)
     assert await queued(broker) == 0
+
+
+async def test_an_allowed_model_is_admitted(admission: Admission, ledger: Ledger) -> None:
+    await ledger.set_quota(GUILD, {"models": ["mine.safetensors"]}, DEFAULTS)
+
+    assert await submit(admission, workflow="sd15-txt2img", checkpoint="mine.safetensors")
+    assert await submit(admission, workflow="demo")  # it has no model to choose
 
 
 async def test_banned_words_match_whole_words_only(admission: Admission, ledger: Ledger) -> None:

@@ -152,6 +152,7 @@ def test_default_out_of_bounds(tmp_path: Path) -> None:
         ("width", {"min": 600}, "min 600 is greater than max 512"),
         ("width", {"min": 1.5}, "min must be a whole number for an int parameter"),
         ("width", {"max_length": 5}, "max_length does not apply to a int parameter"),
+        ("width", {"folder": "checkpoints"}, "folder does not apply to a int parameter"),
         ("width", {"default": None}, "needs a default (or required: true, or random: true)"),
         ("prompt", {"max_length": None}, "a string parameter needs max_length"),
         ("prompt", {"default": "x"}, "a required parameter cannot have a default"),

@@ -152,6 +152,8 @@ class _Kind:
     #: Several places under one name must hold one value (not so for a required text,
     #: an image, or a seed, which the job always sets).
     same_value: bool = True
+    #: The ComfyUI models folder of a model file parameter (the manifest's ``folder``).
+    folder: str | None = None
 
 
 _KINDS: dict[str, _Kind] = {
@@ -177,14 +179,20 @@ _KINDS: dict[str, _Kind] = {
         "string",
         "Checkpoint file name{of} as the ComfyUI server lists it (models/checkpoints);"
         " the server refuses a file it does not have.",
+        folder="checkpoints",
     ),
-    "lora": _Kind("string", "LoRA file name{of} as the ComfyUI server lists it (models/loras)."),
+    "lora": _Kind(
+        "string",
+        "LoRA file name{of} as the ComfyUI server lists it (models/loras).",
+        folder="loras",
+    ),
     "lora_strength": _Kind(
         "float", "How strongly the LoRA{of} applies; negative values invert it.", -2, 2
     ),
     "controlnet": _Kind(
         "string",
         "ControlNet model file name{of} as the ComfyUI server lists it (models/controlnet).",
+        folder="controlnet",
     ),
     "controlnet_strength": _Kind(
         "float", "How strongly the ControlNet{of} steers the image.", 0, 2
@@ -192,6 +200,7 @@ _KINDS: dict[str, _Kind] = {
     "upscale_model": _Kind(
         "string",
         "Upscale model file name{of} as the ComfyUI server lists it (models/upscale_models).",
+        folder="upscale_models",
     ),
     "string": _Kind("string", "Text{of}."),
     "int": _Kind("int", "A whole number{of}."),
@@ -1013,6 +1022,8 @@ def _spec(candidate: _Candidate, cls: str, value: Any) -> dict[str, Any]:
     elif kind.type == "string":
         limit = _TEXT_LIMITS.get(candidate.kind, _FILE_NAME_LIMIT)
         spec |= {"default": value, "max_length": max(limit, len(value))}
+        if kind.folder is not None:
+            spec["folder"] = kind.folder
     elif kind.type == "bool":
         spec["default"] = value
     else:

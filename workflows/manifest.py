@@ -110,6 +110,10 @@ class Parameter(_Model):
     choices: list[StrictStr] | None = None
     bind: list[Binding] = Field(min_length=1)
     random: StrictBool = False
+    #: For a model file (a checkpoint, a LoRA, ...): the ComfyUI models folder it is read
+    #: from (``checkpoints``, ``loras``, ``controlnet``, ``upscale_models``, ...). A
+    #: tenant's ``models`` allow-list applies to these parameters.
+    folder: Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -144,6 +148,7 @@ class Parameter(_Model):
                 ("multiple_of", self.type == "int"),
                 ("max_length", self.type == "string"),
                 ("choices", self.type == "choice"),
+                ("folder", self.type in ("string", "choice")),
             )
             if getattr(self, key) is not None and not applies
         ]

@@ -31,7 +31,7 @@ NUMBER_FIELDS = (
     "max_count",
 )
 #: Fields that hold a list where ``all`` means no restriction.
-RESTRICTING_LISTS = ("workflows", "lanes")
+RESTRICTING_LISTS = ("workflows", "lanes", "models")
 #: Fields that hold a list where ``none`` empties it.
 PLAIN_LISTS = ("banned_words", "nsfw_workflows")
 

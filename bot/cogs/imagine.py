@@ -11,8 +11,15 @@ from discord.ext import commands
 
 from bot import flow
 from bot.client import BrigadeBot
-from bot.constants import COUNT_MAX, MAX_CHOICES, NEGATIVE_MAX_LENGTH, PROMPT_MAX_LENGTH, SEED_MAX
-from bot.errors import reply_error
+from bot.constants import (
+    COUNT_MAX,
+    MAX_CHOICES,
+    MODEL_NAME_MAX_LENGTH,
+    NEGATIVE_MAX_LENGTH,
+    PROMPT_MAX_LENGTH,
+    SEED_MAX,
+)
+from bot.errors import Refused, reply_error
 from bot.images import attachment_params
 from jobs.models import JobRequest
 from workflows import Parameter, Template, UnknownWorkflow
@@ -104,6 +111,45 @@ async def allowed_lanes(bot: BrigadeBot, guild_id: int | None) -> list[str]:
     return lanes if quota.lanes is None else [lane for lane in lanes if lane in quota.lanes]
 
 
+def model_params(template: Template, *, lora: str | None) -> dict[str, Any]:
+    """The workflow parameter the ``lora`` option sets: its first LoRA file parameter.
+    :class:`Refused` when the option is given and the workflow takes no LoRA."""
+    if lora is None:
+        return {}
+    for name, param in template.manifest.params.items():
+        if param.folder == "loras":
+            return {name: lora}
+    raise Refused(f"lora: the workflow {template.name!r} takes no LoRA.")
+
+
+async def model_choices(
+    bot: BrigadeBot, guild_id: int | None, folder: str, current: str
+) -> list[app_commands.Choice[str]]:
+    """Model files to suggest: the guild's allow-list when it has one, else the files the
+    workflows name by default and the renderers used lately (their heartbeats)."""
+    quota = None
+    if guild_id is not None:
+        quota = await bot.front.ledger.quota(str(guild_id), bot.front.quota_defaults)
+    if quota is not None and quota.models is not None:
+        files = list(quota.models)
+    else:
+        known: dict[str, None] = {}
+        for name in bot.front.catalog.names():
+            for param in bot.front.catalog.get(name).manifest.params.values():
+                if param.folder == folder and isinstance(param.default, str):
+                    known[param.default] = None
+        for beat in bot.front.workers.workers():
+            for file in beat.models:
+                known[file] = None
+        files = list(known)
+    typed = current.lower()
+    return [
+        app_commands.Choice(name=file[:100], value=file)
+        for file in files
+        if typed in file.lower() and len(file) <= MODEL_NAME_MAX_LENGTH
+    ][:MAX_CHOICES]
+
+
 class Imagine(commands.Cog):
     def __init__(self, bot: BrigadeBot) -> None:
         self.bot = bot
@@ -136,6 +182,8 @@ class Imagine(commands.Cog):
         lane="Which queue (where there are several)",
         image="A picture to start from, for workflows that take one (PNG, JPEG or WebP)",
         image2="A second picture, for workflows that take two",
+        checkpoint="The model, for workflows that let you choose it",
+        lora="A LoRA (style), for workflows that take one",
     )
     @app_commands.choices(
         aspect=[
@@ -154,6 +202,8 @@ class Imagine(commands.Cog):
         lane: str | None = None,
         image: discord.Attachment | None = None,
         image2: discord.Attachment | None = None,
+        checkpoint: app_commands.Range[str, 1, MODEL_NAME_MAX_LENGTH] | None = None,
+        lora: app_commands.Range[str, 1, MODEL_NAME_MAX_LENGTH] | None = None,
     ) -> None:
         await flow.defer_public(interaction)
         template = workflow or self.bot.front.catalog.get(
@@ -162,6 +212,7 @@ class Imagine(commands.Cog):
         # Refused here (the workflow takes no image, a required one is missing, a file is
         # too large or not an image): an ephemeral reply, nothing queued or charged.
         images = await attachment_params(self.bot, template, [image, image2])
+        params: dict[str, Any] = {**images, **model_params(template, lora=lora)}
         size = size_for(template, aspect.value) if aspect is not None else None
         fields: dict[str, Any] = {
             "workflow": template.name,
@@ -171,7 +222,8 @@ class Imagine(commands.Cog):
             # count has a default (1); a workflow without a batch takes none at all.
             "count": count if count != 1 or "batch" in template.manifest.params else None,
             "lane": lane,
-            "params": images,
+            "checkpoint": checkpoint,
+            "params": params,
         }
         if size is not None:
             fields["width"], fields["height"] = size
@@ -185,6 +237,18 @@ class Imagine(commands.Cog):
         return [app_commands.Choice(name=lane, value=lane) for lane in lanes if current in lane][
             :MAX_CHOICES
         ]
+
+    @imagine.autocomplete("checkpoint")
+    async def checkpoint_choices(
+        self, interaction: discord.Interaction[BrigadeBot], current: str
+    ) -> list[app_commands.Choice[str]]:
+        return await model_choices(self.bot, interaction.guild_id, "checkpoints", current)
+
+    @imagine.autocomplete("lora")
+    async def lora_choices(
+        self, interaction: discord.Interaction[BrigadeBot], current: str
+    ) -> list[app_commands.Choice[str]]:
+        return await model_choices(self.bot, interaction.guild_id, "loras", current)
 
     async def cog_app_command_error(
         self, interaction: discord.Interaction[discord.Client], error: app_commands.AppCommandError
