@@ -1,0 +1,88 @@
+"""Smoke tests of the benchmarks in ``bench/``: each runs with tiny parameters, as a
+process of its own (as a person runs it), and prints a well-formed table. No figure is
+checked against a threshold: these machines are shared and noisy."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMBER = r"(-?\d+(?:\.\d+)?|nan)"
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.s3, pytest.mark.timeout(240)]
+
+
+def run_bench(module: str, amqp_url: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env={**os.environ, "AMQP_URL": amqp_url},
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_preview_latency(amqp_url: str) -> None:
+    out = run_bench(
+        "bench.preview_latency",
+        amqp_url,
+        *("--jobs", "1", "--rounds", "1", "--steps", "6", "--step-seconds", "0.05"),
+    )
+    rows = re.findall(
+        rf"^  ([\d.]+) s\s+(\d+)\s+(\d+)\s+(\d+)\s+(-?\d+)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}",
+        out,
+        re.MULTILINE,
+    )
+    assert [row[0] for row in rows] == ["1.5", "0"], out
+    for _, frames, forwarded, shown, coalesced, *_ in rows:
+        assert int(frames) >= int(forwarded) >= int(shown), out
+        assert int(coalesced) == int(forwarded) - int(shown), out
+    assert "0 failed" in out
+
+
+def test_scaleout(amqp_url: str) -> None:
+    out = run_bench(
+        "bench.scaleout",
+        amqp_url,
+        *("--counts", "1", "2", "--jobs-per-renderer", "2", "--rounds", "1"),
+        *("--step-seconds", "0.05"),
+    )
+    rows = re.findall(rf"^\s+(\d+)\s+{NUMBER}\s+{NUMBER}\s+\(", out, re.MULTILINE)
+    assert [row[0] for row in rows] == ["1", "2"], out
+    assert float(rows[0][2]) == pytest.approx(1.0), out
+    assert float(rows[1][1]) > 0, out
+
+
+def test_memory(amqp_url: str) -> None:
+    out = run_bench("bench.memory", amqp_url, "--jobs", "2")
+    rows = {
+        name: (float(idle), float(peak))
+        for name, idle, peak in re.findall(
+            rf"^  brigade (\w+)\s+{NUMBER}\s+{NUMBER}$", out, re.MULTILINE
+        )
+    }
+    assert set(rows) == {"bot", "api", "renderer"}, out
+    for idle, peak in rows.values():
+        assert 0 < idle <= peak, out
+    assert "torch mapped in none of them" in out
+    assert "(0 not succeeded)" in out
+
+
+def test_chaos(amqp_url: str) -> None:
+    out = run_bench("bench.chaos", amqp_url, "--kills", "2", "--renderers", "2")
+    figures = dict(re.findall(r"^  (\S.*?)\s{2,}(\S.*)$", out, re.MULTILINE))
+    assert figures["kill -9 of a renderer mid-job"] == "2", out
+    assert figures["lost (no terminal event)"] == "0", out
+    assert figures["lost (not terminal in the ledger)"] == "0", out
+    assert figures["terminal events seen twice by listeners"] == "0", out
+    assert int(figures["jobs ended"]) == int(figures["jobs admitted"]) > 0, out
