@@ -189,8 +189,15 @@ class Ledger:
 
         def delete(db: sqlite_utils.Database) -> None:
             with immediate(db):
+                unpublished = db.execute(
+                    "SELECT 1 FROM jobs WHERE job_id = ? AND published = 0", [job_id]
+                ).fetchone()
+                if unpublished is None:  # published after all: it is admitted, keep it
+                    return
                 db.execute("DELETE FROM job_history WHERE job_id = ?", [job_id])
-                db.execute("DELETE FROM jobs WHERE job_id = ? AND published = 0", [job_id])
+                db.execute("DELETE FROM jobs WHERE job_id = ?", [job_id])
+                # Its images were reserved with the row: give them back.
+                quotas.settle(db, job_id, charged=False)
 
         await self._run(delete)
 

@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.fixtures.discord",
     "tests.fixtures.tcpproxy",
     "tests.fixtures.pipeline",
+    "tests.fixtures.faults",
 ]
