@@ -20,6 +20,7 @@ from bot.constants import MAX_RATELIMIT_SLEEP_SECONDS
 from bot.messages import MessageStore
 from bot.progress import ProgressEditor
 from bot.settings import DiscordSettings
+from bot.workflows import GuildWorkflows
 from brigade.app import Frontend
 from jobs.models import Job
 from storage import InputImageSettings, ObjectStore
@@ -60,6 +61,7 @@ class BrigadeBot(commands.Bot):
         #: Limits on attachments; None given: the documented defaults.
         self.input_limits = input_limits or InputImageSettings.model_construct()
         self.messages = MessageStore(ledger_path)
+        self.workflows = GuildWorkflows(ledger_path)
         self.progress = ProgressEditor(
             self,
             front.ledger,
@@ -79,10 +81,13 @@ class BrigadeBot(commands.Bot):
     async def setup_hook(self) -> None:
         from bot.cogs.admin import Admin
         from bot.cogs.imagine import Imagine
+        from bot.cogs.workflows import Workflows
 
         await self.messages.open()
+        await self.workflows.open()
         await self.add_cog(Imagine(self))
         await self.add_cog(Admin(self))
+        await self.add_cog(Workflows(self))
         self.add_dynamic_items(*DYNAMIC_ITEMS)
         self.front.tracker.add_listener(self.progress.on_event)
         resumed = await self.progress.resume()
@@ -104,3 +109,4 @@ class BrigadeBot(commands.Bot):
         await self.progress.close()
         await super().close()
         await self.messages.close()
+        await self.workflows.close()

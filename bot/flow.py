@@ -72,8 +72,15 @@ def is_admin(bot: BrigadeBot, interaction: discord.Interaction[Any]) -> bool:
 
 
 async def admit(bot: BrigadeBot, request: JobRequest, *, key: str, origin: Origin) -> Admitted:
-    """Admit ``request`` once per ``key`` (the interaction id)."""
-    return await bot.front.admission.submit(request, idempotency_key=key, origin=origin)
+    """Admit ``request`` once per ``key`` (the interaction id), with the guild's own
+    workflows beside the catalog."""
+    guild = int(origin.tenant) if origin.tenant is not None else None
+    return await bot.front.admission.submit(
+        request,
+        idempotency_key=key,
+        origin=origin,
+        templates=await bot.workflows.templates(guild),
+    )
 
 
 async def defer_public(interaction: discord.Interaction[Any]) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, replace
 
@@ -30,7 +30,7 @@ from jobs.ledger import JobRecord, Ledger
 from jobs.models import Job, JobRequest, Origin
 from jobs.quotas import QuotaExceeded, QuotaSettings, check_paused, check_request
 from jobs.settings import FairSettings
-from workflows import Catalog, FieldError, ParameterError, UnknownWorkflow
+from workflows import Catalog, FieldError, ParameterError, Template, UnknownWorkflow
 
 log = structlog.get_logger(__name__)
 
@@ -89,10 +89,12 @@ class Admission:
         idempotency_key: str,
         origin: Origin,
         quota: QuotaSettings | None = None,
+        templates: Mapping[str, Template] | None = None,
     ) -> Job:
         """Check ``request`` (against ``quota``'s rules too, when given) and build the job
         it asks for. Raises :class:`InvalidRequest` naming every bad field and what is
-        allowed there."""
+        allowed there. ``templates``: the tenant's own workflows (a guild's), looked up
+        before the catalog; a job for one carries its template to the renderer."""
         errors: list[FieldError] = []
         if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
             errors.append(
@@ -108,11 +110,14 @@ class Admission:
                     "lane", f"lane: {lane!r} is not a lane (allowed: {', '.join(self.lanes)})"
                 )
             )
+        own = (templates or {}).get(request.workflow)
         try:
-            template = self._catalog.get(request.workflow)
+            template = own or self._catalog.get(request.workflow)
         except UnknownWorkflow as exc:
             errors.append(FieldError("workflow", f"workflow: {exc}"))
             raise InvalidRequest(errors) from exc
+        if own is not None and quota is not None and quota.workflows is not None:
+            quota = quota.model_copy(update={"workflows": None})  # its admins added it
         manifest = template.manifest
         if manifest.lanes is not None and lane in self.lanes and lane not in manifest.lanes:
             errors.append(
@@ -141,6 +146,7 @@ class Admission:
             params=params,
             origin=origin,
             idempotency_key=idempotency_key,
+            template=own.documents() if own is not None else None,
         )
         if quota is not None:
             folders = {
@@ -160,16 +166,26 @@ class Admission:
         return await self._ledger.quota(origin.tenant, self._quota_defaults)
 
     async def submit(
-        self, request: JobRequest, *, idempotency_key: str, origin: Origin
+        self,
+        request: JobRequest,
+        *,
+        idempotency_key: str,
+        origin: Origin,
+        templates: Mapping[str, Template] | None = None,
     ) -> Admitted:
-        """Admit ``request`` once per ``idempotency_key``. See the module docstring."""
+        """Admit ``request`` once per ``idempotency_key``. See the module docstring.
+        ``templates``: the tenant's own workflows (see :meth:`validate`)."""
         started = time.perf_counter()
         quota = await self.quota_for(origin)
         try:
             if quota is not None:
                 check_paused(quota)
             job = self.validate(
-                request, idempotency_key=idempotency_key, origin=origin, quota=quota
+                request,
+                idempotency_key=idempotency_key,
+                origin=origin,
+                quota=quota,
+                templates=templates,
             )
         except (InvalidRequest, QuotaExceeded):
             # A retry of a submit that was admitted before (the rules may have changed,

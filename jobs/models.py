@@ -107,6 +107,10 @@ class Job(_Wire):
     #: across retries (see :meth:`attempt`), so a frontend never takes a retry's events
     #: for stale frames of the first run.
     retries: Annotated[StrictInt, Field(ge=0)] = 0
+    #: A tenant's own workflow travels with its jobs: ``{"manifest": {...}, "graph":
+    #: {...}}``, checked again by the renderer (``Template.from_documents``). None: the
+    #: workflow is in every renderer's catalog.
+    template: dict[StrictStr, Any] | None = None
 
     def attempt(self, delivery_count: int, delivery_limit: int) -> int:
         """The attempt number of a delivery: 1 for the first, growing across retries."""

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -182,7 +183,12 @@ class Renderer:
     async def render(
         self, job: Job, attempt: int, reporter: JobReporter
     ) -> tuple[list[Output], dict[str, float]]:
-        template = self.catalog.get(job.workflow)
+        if job.template is not None:  # a tenant's own workflow, carried by the job
+            template = Template.from_documents(
+                job.template.get("manifest"), job.template.get("graph"), Path(f"job-{job.job_id}")
+            )
+        else:
+            template = self.catalog.get(job.workflow)
         if self.backend.name not in template.manifest.backends:
             raise InvalidWorkflow(
                 f"The workflow {job.workflow!r} cannot run on the {self.backend.name} backend."

@@ -73,6 +73,28 @@ class Template:
         _check_bindings(manifest, graph, manifest_path)
         return cls(manifest=manifest, graph=graph, source=manifest_path)
 
+    @classmethod
+    def from_documents(cls, manifest: object, graph: object, source: Path) -> Template:
+        """The same checks as :meth:`load`, on a manifest and a graph already read (a
+        guild's own workflow, or one a job carries). ``source`` names them in errors."""
+        if not isinstance(manifest, dict):
+            raise ManifestError(source, "a manifest must be a JSON object")
+        try:
+            checked = Manifest.model_validate(manifest)
+        except ValidationError as exc:
+            raise _manifest_error(source, exc) from exc
+        _check_graph(graph, source)
+        assert isinstance(graph, dict)
+        _check_bindings(checked, graph, source)
+        return cls(manifest=checked, graph=graph, source=source)
+
+    def documents(self) -> dict[str, Any]:
+        """The manifest and graph as JSON documents, for :meth:`from_documents`."""
+        return {
+            "manifest": self.manifest.model_dump(mode="json", exclude_none=True),
+            "graph": _thaw(self.graph),
+        }
+
     def resolve(
         self, values: Mapping[str, object], *, rng: random.Random | None = None
     ) -> dict[str, Scalar]:

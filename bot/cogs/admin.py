@@ -236,7 +236,7 @@ class Admin(commands.Cog):
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         await self._answer(
-            interaction, await flow.retry_command(self.bot, interaction, job.strip())
+            interaction, await flow.retry_command(self.bot, interaction, str(job).strip())
         )
 
     @queue.command(name="list", description="This server's jobs waiting and rendering")

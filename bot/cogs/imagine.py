@@ -83,9 +83,12 @@ class WorkflowTransformer(app_commands.Transformer):
         bot = interaction.client
         assert isinstance(bot, BrigadeBot)
         typed = value.lower()
-        choices = []
+        own = await bot.workflows.templates(interaction.guild_id)
+        titles = {name: template.manifest.title for name, template in own.items()}
         for name in await allowed_workflows(bot, interaction.guild_id):
-            title = bot.front.catalog.get(name).manifest.title
+            titles.setdefault(name, bot.front.catalog.get(name).manifest.title)
+        choices = []
+        for name, title in titles.items():
             if typed in name or typed in title.lower():
                 label = f"{name} — {title}"[:100]
                 choices.append(app_commands.Choice(name=label, value=name))
@@ -94,8 +97,9 @@ class WorkflowTransformer(app_commands.Transformer):
     async def transform(self, interaction: discord.Interaction[Any], value: Any) -> Template:
         bot = interaction.client
         assert isinstance(bot, BrigadeBot)
+        own = await bot.workflows.templates(interaction.guild_id)
         try:
-            return bot.front.catalog.get(str(value))
+            return own.get(str(value)) or bot.front.catalog.get(str(value))
         except UnknownWorkflow as exc:
             raise app_commands.TransformerError(
                 value, discord.AppCommandOptionType.string, self
