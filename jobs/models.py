@@ -295,6 +295,9 @@ class Heartbeat(_Wire):
     #: The last measured load time of model files, seconds (ComfyUI: how long each loader
     #: node ran; a cached loader loads nothing), so scheduling by model is measured.
     model_load_seconds: dict[StrictStr, float] = Field(default_factory=dict)
+    #: Model files the renderer can load, per ComfyUI models folder (``checkpoints``,
+    #: ``loras``, ...), as its ComfyUI lists them: what the bot suggests to users.
+    available_models: dict[StrictStr, list[StrictStr]] = Field(default_factory=dict)
     healthy: bool = True
     #: Times this renderer's supervisor restarted its ComfyUI (0 when it runs none).
     restarts: StrictInt = 0

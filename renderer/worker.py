@@ -383,6 +383,7 @@ class Worker:
             vram_free=_int(described.get("vram_free")),
             models=[str(m) for m in models] if isinstance(models, list) else [],
             model_load_seconds=_load_seconds(described.get("model_load_seconds")),
+            available_models=_available(described.get("available_models")),
             healthy=bool(described.get("healthy", True)),
             restarts=_int(described.get("restarts")) or 0,
             completed=self.completed,
@@ -539,4 +540,15 @@ def _load_seconds(value: object) -> dict[str, float]:
         str(file): float(seconds)
         for file, seconds in value.items()
         if isinstance(seconds, int | float) and not isinstance(seconds, bool)
+    }
+
+
+def _available(value: object) -> dict[str, list[str]]:
+    """Model files a backend listed per folder, keeping only well-formed entries."""
+    if not isinstance(value, dict):
+        return {}
+    return {
+        str(folder): [str(file) for file in files if isinstance(file, str)]
+        for folder, files in value.items()
+        if isinstance(files, list)
     }

@@ -452,3 +452,17 @@ async def test_model_load_time_is_measured_and_a_cached_loader_loads_nothing(
     assert "model_load" not in warm.timings
     assert described["model_load_seconds"][checkpoint] >= 0.3
     assert described["models"][0] == checkpoint
+
+
+async def test_the_model_files_comfyui_can_load_are_listed_per_folder(
+    comfyui: ComfyUIEmulator, backend_factory: BackendFactory
+) -> None:
+    from tests.emulators.comfyui import DEFAULT_CHECKPOINTS
+
+    backend = await backend_factory(comfyui.url)
+
+    available = backend.describe()["available_models"]
+
+    assert available["checkpoints"] == sorted(DEFAULT_CHECKPOINTS)
+    assert available["loras"]  # the emulator's LoRA files, from LoraLoader's value list
+    assert set(available) <= {"checkpoints", "loras", "controlnet", "upscale_models"}

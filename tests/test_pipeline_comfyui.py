@@ -279,6 +279,7 @@ async def test_heartbeats_carry_the_gpu_and_the_models_last_used(
     assert beat.models == [CHECKPOINT]
     assert set(beat.model_load_seconds) == {CHECKPOINT}  # the emulator's first load
     assert beat.model_load_seconds[CHECKPOINT] >= 0
+    assert CHECKPOINT in beat.available_models["checkpoints"]  # what it can load
     assert beat.healthy
 
 

@@ -129,8 +129,9 @@ def model_params(template: Template, *, lora: str | None) -> dict[str, Any]:
 async def model_choices(
     bot: BrigadeBot, guild_id: int | None, folder: str, current: str
 ) -> list[app_commands.Choice[str]]:
-    """Model files to suggest: the guild's allow-list when it has one, else the files the
-    workflows name by default and the renderers used lately (their heartbeats)."""
+    """Model files to suggest: the guild's allow-list when it has one, else what the
+    renderers can load (their heartbeats' ``available_models``) and the files the
+    workflows name by default."""
     quota = None
     if guild_id is not None:
         quota = await bot.front.ledger.quota(str(guild_id), bot.front.quota_defaults)
@@ -143,7 +144,7 @@ async def model_choices(
                 if param.folder == folder and isinstance(param.default, str):
                     known[param.default] = None
         for beat in bot.front.workers.workers():
-            for file in beat.models:
+            for file in (*beat.models, *beat.available_models.get(folder, ())):
                 known[file] = None
         files = list(known)
     typed = current.lower()

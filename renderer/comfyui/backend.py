@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +44,17 @@ from renderer.settings import ComfyUISettings, RendererSettings
 
 log = structlog.get_logger(__name__)
 
+#: Model files are listed again (``/object_info`` of the loaders) at most this often.
+AVAILABLE_INTERVAL_SECONDS = 60.0
+#: Files listed per models folder in heartbeats, at most.
+MAX_AVAILABLE_PER_FOLDER = 200
+#: The loader input that lists each models folder's files.
+LOADER_INPUTS = {
+    "checkpoints": ("CheckpointLoaderSimple", "ckpt_name"),
+    "loras": ("LoraLoader", "lora_name"),
+    "controlnet": ("ControlNetLoader", "control_net_name"),
+    "upscale_models": ("UpscaleModelLoader", "model_name"),
+}
 #: Seconds between two ``/system_stats`` reads for heartbeats (VRAM free, health).
 STATS_INTERVAL_SECONDS = 15.0
 #: Model files a heartbeat lists as probably loaded (a GPU holds a few at most).
@@ -77,6 +89,9 @@ class ComfyUIBackend:
         self._models: dict[str, None] = {}
         #: The last measured load time of each model file (seconds), newest last.
         self._load_seconds: dict[str, float] = {}
+        #: The model files ComfyUI can load, per folder, and when to list them again.
+        self._available: dict[str, list[str]] = {}
+        self._available_at = 0.0
         self._client_id = comfyui.client_id or default_client_id(settings.worker_id)
         self._client: ComfyUIClient | None = None
         self._stats: dict[str, Any] = {}
@@ -158,6 +173,7 @@ class ComfyUIBackend:
             "restarts": self._supervisor.restarts if self._supervisor is not None else 0,
             "models": list(reversed(self._models)),
             "model_load_seconds": dict(self._load_seconds),
+            "available_models": {folder: list(files) for folder, files in self._available.items()},
         }
 
     async def upload_image(self, name: str, data: bytes) -> str:
@@ -291,6 +307,27 @@ class ComfyUIBackend:
             self._healthy = False
             raise
         self._healthy = True
+        now = time.monotonic()
+        if now >= self._available_at:
+            self._available_at = now + AVAILABLE_INTERVAL_SECONDS
+            with contextlib.suppress(RenderError):
+                self._available = await self._available_models()
+
+    async def _available_models(self) -> dict[str, list[str]]:
+        """The model files this ComfyUI can load, per models folder, from the value lists
+        of its loader nodes' ``/object_info`` (what the bot suggests to users)."""
+        found: dict[str, list[str]] = {}
+        for folder, (node_class, name) in LOADER_INPUTS.items():
+            info = await self.client.object_info(node_class)
+            declared = (
+                info.get(node_class, {}).get("input", {}).get("required", {}).get(name)
+                if isinstance(info, dict)
+                else None
+            )
+            files = _choices(declared)
+            if files:
+                found[folder] = files[:MAX_AVAILABLE_PER_FOLDER]
+        return found
 
     async def _watch(self) -> None:
         """Keep the stats fresh for heartbeats, and the WebSocket up while idle (its reader
@@ -301,6 +338,18 @@ class ComfyUIBackend:
                 await self._refresh()
                 if not self.client.connected:
                     await self.client.connect()
+
+
+def _choices(declared: object) -> list[str]:
+    """A combo input's values: ``[[...], {...}]``, or ``["COMBO", {"options": [...]}]``."""
+    if not isinstance(declared, list | tuple) or not declared:
+        return []
+    kind = declared[0]
+    if kind == "COMBO" and len(declared) > 1 and isinstance(declared[1], dict):
+        kind = declared[1].get("options", [])
+    if not isinstance(kind, list | tuple):
+        return []
+    return [str(value) for value in kind if isinstance(value, str)]
 
 
 def _field(mapping: object, key: str) -> Any:
