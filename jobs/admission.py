@@ -26,7 +26,7 @@ import structlog
 
 from jobs.bus import JobBus
 from jobs.exceptions import InvalidRequest, JobsError
-from jobs.ledger import JobRecord, Ledger
+from jobs.ledger import Claim, JobRecord, Ledger
 from jobs.models import Job, JobRequest, Origin
 from jobs.quotas import QuotaExceeded, QuotaSettings, check_paused, check_request
 from jobs.settings import FairSettings
@@ -194,11 +194,13 @@ class Admission:
             if existing is None:
                 raise
             return await self._again(existing)
-        record, created = await self._ledger.admit(job, quota)
+        record, created, claim = await self._ledger.admit(job, quota, window=self.window(job.lane))
         if not created:  # this key was admitted before: that job is the answer
             return await self._again(record)
         try:
-            released = await self.release(job.lane)
+            released = await self._publish_claimed(claim)
+            if claim.more:
+                released += await self.release(job.lane)
         except JobsError:
             # The broker is not there: not admitted, nothing left behind (a job released
             # before it failed stays). A cancelled submit keeps its row instead: the broker
@@ -240,18 +242,26 @@ class Admission:
         # in parallel, the releaser) take different jobs and their publishes overlap.
         published: list[str] = []
         while True:
-            claimed = await self._ledger.release(lane, self.window(lane))
-            if not claimed:
+            claim = await self._ledger.release(lane, self.window(lane))
+            published += await self._publish_claimed(claim)
+            if not claim.more:
                 return published
-            for record in claimed:
-                try:
-                    await self._bus.submit(record.job)
-                except BaseException:
-                    for rest in claimed[claimed.index(record) :]:
-                        await self._ledger.unclaim(rest.job.job_id)
-                    raise
-                await self._ledger.mark_published(record.job.job_id)
-                published.append(record.job.job_id)
+
+    async def _publish_claimed(self, claim: Claim) -> list[str]:
+        """Publish what a release claimed, in order; the ids published. On a refusal the
+        job and those after it are unclaimed and the error raised."""
+        published: list[str] = []
+        claimed = claim.records
+        for index, record in enumerate(claimed):
+            try:
+                await self._bus.submit(record.job)
+            except BaseException:
+                for rest in claimed[index:]:
+                    await self._ledger.unclaim(rest.job.job_id)
+                raise
+            await self._ledger.mark_published(record.job.job_id)
+            published.append(record.job.job_id)
+        return published
 
     def wake(self) -> None:
         """Something changed (a job started or ended): release what now has room."""

@@ -40,6 +40,15 @@ CLAIM_SECONDS = 60
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """Jobs a release claimed, to publish in this order; ``more``: jobs are still held
+    and the window may have room for them once these are published."""
+
+    records: list[JobRecord]
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
 class JobRecord:
     """A job as the ledger knows it."""
 
@@ -67,16 +76,19 @@ class Ledger:
         await self._file.close()
 
     async def admit(
-        self, job: Job, quota: quotas.QuotaSettings | None = None
-    ) -> tuple[JobRecord, bool]:
+        self, job: Job, quota: quotas.QuotaSettings | None = None, *, window: int | None = None
+    ) -> tuple[JobRecord, bool, Claim]:
         """Insert ``job`` as queued and unpublished, or return the job already admitted under
         its idempotency key. The boolean says whether this call created it.
 
         With ``quota`` (and a tenant in the job's origin), the job's images are reserved
         in the same transaction, or :class:`~jobs.quotas.QuotaExceeded` is raised and
-        nothing is written."""
+        nothing is written. With ``window``, the same transaction also claims what its
+        lane may publish now (:meth:`release`), so an admission that has room costs no
+        transaction more than before fair release."""
+        nothing = Claim([], False)
 
-        def insert(db: sqlite_utils.Database) -> tuple[JobRecord, bool]:
+        def insert(db: sqlite_utils.Database) -> tuple[JobRecord, bool, Claim]:
             moment = utcnow()
             now = moment.isoformat()
             try:
@@ -103,14 +115,15 @@ class Ledger:
                     _history(db, job.job_id, JobStatus.QUEUED, now, None)
                     if quota is not None:
                         quotas.reserve(db, job, quota, moment)
+                    claim = nothing if window is None else _claim(db, job.lane, window, moment)
             except sqlite3.IntegrityError:
                 rows = list(
                     db.table("jobs").rows_where("idempotency_key = ?", [job.idempotency_key])
                 )
                 if not rows:
                     raise
-                return _record(rows[0]), False
-            return _record(db.table("jobs").get(job.job_id)), True
+                return _record(rows[0]), False, nothing
+            return _record(db.table("jobs").get(job.job_id)), True, claim
 
         return await self._run(insert)
 
@@ -147,34 +160,15 @@ class Ledger:
             )
         )
 
-    async def release(self, lane: str, window: int) -> list[JobRecord]:
+    async def release(self, lane: str, window: int) -> Claim:
         """Claim the next jobs of ``lane`` to publish, in fair order (``jobs/fairness.py``),
         so that at most ``window`` of this ledger's jobs wait at the broker. A claim lasts
         ``CLAIM_SECONDS``: a release that died before its publish was confirmed leaves the
         job to a later one (the job may then be published twice, which is harmless)."""
 
-        def release(db: sqlite_utils.Database) -> list[JobRecord]:
-            moment = utcnow()
+        def release(db: sqlite_utils.Database) -> Claim:
             with immediate(db):
-                stale = (moment - timedelta(seconds=CLAIM_SECONDS)).isoformat()
-                room = window - _waiting_at_broker(db, lane, stale)
-                if room <= 0:
-                    return []
-                order = fair_order(*_fair_state(db, lane, stale), limit=room)
-                for release in order:
-                    db.execute(
-                        "UPDATE jobs SET claimed_at = ?, tenant_tag = ?, user_tag = ? "
-                        "WHERE job_id = ?",
-                        [moment.isoformat(), release.tenant_tag, release.user_tag, release.job_id],
-                    )
-                    db.execute(
-                        "INSERT INTO fair_tags (lane, tenant, user, tenant_tag, user_tag) "
-                        "SELECT lane, COALESCE(tenant, ''), COALESCE(user, ''), ?, ? FROM jobs "
-                        "WHERE job_id = ? ON CONFLICT (lane, tenant, user) DO UPDATE SET "
-                        "tenant_tag = excluded.tenant_tag, user_tag = excluded.user_tag",
-                        [release.tenant_tag, release.user_tag, release.job_id],
-                    )
-                return [_record(db.table("jobs").get(release.job_id)) for release in order]
+                return _claim(db, lane, window, utcnow())
 
         return await self._run(release)
 
@@ -454,6 +448,31 @@ def _create_tables(db: sqlite_utils.Database) -> None:
             pk=("lane", "tenant", "user"),
         )
     quotas.create_tables(db)
+
+
+def _claim(db: sqlite_utils.Database, lane: str, window: int, moment: datetime) -> Claim:
+    """Inside a transaction: claim, in fair order, the held jobs of ``lane`` the window
+    has room for, giving each its tags (``jobs/fairness.py``)."""
+    stale = (moment - timedelta(seconds=CLAIM_SECONDS)).isoformat()
+    room = window - _waiting_at_broker(db, lane, stale)
+    if room <= 0:
+        return Claim([], False)
+    waiting, tags = _fair_state(db, lane, stale)
+    order = fair_order(waiting, tags, limit=room)
+    for release in order:
+        db.execute(
+            "UPDATE jobs SET claimed_at = ?, tenant_tag = ?, user_tag = ? WHERE job_id = ?",
+            [moment.isoformat(), release.tenant_tag, release.user_tag, release.job_id],
+        )
+        db.execute(
+            "INSERT INTO fair_tags (lane, tenant, user, tenant_tag, user_tag) "
+            "SELECT lane, COALESCE(tenant, ''), COALESCE(user, ''), ?, ? FROM jobs "
+            "WHERE job_id = ? ON CONFLICT (lane, tenant, user) DO UPDATE SET "
+            "tenant_tag = excluded.tenant_tag, user_tag = excluded.user_tag",
+            [release.tenant_tag, release.user_tag, release.job_id],
+        )
+    records = [_record(db.table("jobs").get(release.job_id)) for release in order]
+    return Claim(records, len(waiting) > len(order) and len(order) == room)
 
 
 def _waiting_at_broker(db: sqlite_utils.Database, lane: str, stale: str | None = None) -> int:

@@ -86,7 +86,7 @@ async def test_run_bot_on_rabbitmq(
         await delete_topology(amqp_url, topology, [f"{test_prefix}.events.bot-service-test"])
 
     names = {c["name"] for c in discord_emulator.commands[guild.id].values()}
-    assert names == {"imagine", "usage", "quota", "queue", "workers"}
+    assert names == {"imagine", "usage", "quota", "queue", "workers", "workflow"}
     assert (tmp_path / "ledger.sqlite3").exists()
 
 
