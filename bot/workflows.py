@@ -28,6 +28,9 @@ class GuildWorkflows:
     def __init__(self, path: Path | str) -> None:
         self._file = SqliteFile(path, "the guild workflows", _create_table)
         self._run = self._file.run
+        #: Checked templates by guild, read once: every /imagine and autocomplete asks.
+        #: This process writes the table, so add and remove keep it true.
+        self._cache: dict[int, dict[str, Template]] = {}
 
     async def open(self) -> None:
         await self._file.open()
@@ -57,7 +60,9 @@ class GuildWorkflows:
                 db.table(TABLE).upsert(row, pk=("guild_id", "name"))
                 return True
 
-        return await self._run(add)
+        done = await self._run(add)
+        self._cache.pop(guild_id, None)  # after the write: a read meanwhile saw the old rows
+        return done
 
     async def remove(self, guild_id: int, name: str) -> bool:
         def remove(db: sqlite_utils.Database) -> bool:
@@ -67,12 +72,17 @@ class GuildWorkflows:
                 )
                 return bool(cursor.rowcount)
 
-        return await self._run(remove)
+        done = await self._run(remove)
+        self._cache.pop(guild_id, None)  # after the write: a read meanwhile saw the old rows
+        return done
 
     async def templates(self, guild_id: int | None) -> dict[str, Template]:
         """The guild's workflows by name (none outside a guild)."""
         if guild_id is None:
             return {}
+        cached = self._cache.get(guild_id)
+        if cached is not None:
+            return cached
 
         def read(db: sqlite_utils.Database) -> list[dict[str, Any]]:
             return list(db.table(TABLE).rows_where("guild_id = ?", [guild_id], order_by="name"))
@@ -84,6 +94,7 @@ class GuildWorkflows:
             found[row["name"]] = Template.from_documents(
                 documents["manifest"], documents["graph"], source
             )
+        self._cache[guild_id] = found
         return found
 
 
