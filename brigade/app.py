@@ -96,7 +96,8 @@ async def frontend(
     """Open the ledger, follow this frontend's events, dead letters and the fleet's
     heartbeats, publish anything a crash left unpublished. Everything stops when
     ``stack`` closes."""
-    ledger = Ledger(ledger_path)
+    # With model affinity each model's queue has its own window (jobs/ledger.py).
+    ledger = Ledger(ledger_path, per_model=bus.topology.affinity)
     await ledger.open()
     stack.push_async_callback(ledger.close)
     tracker = JobTracker(bus, ledger, frontend_id)
@@ -109,6 +110,14 @@ async def frontend(
     await workers.start()
     stack.push_async_callback(workers.stop)
     quota_defaults = QuotaDefaults().settings()
+
+    def serves(lane: str, model: str) -> bool:  # model affinity (jobs/bus.py)
+        return any(
+            lane in beat.lanes and any(model in files for files in beat.available_models.values())
+            for beat in workers.workers()
+        )
+
+    bus.serves = serves
     admission = Admission(
         catalog,
         ledger,

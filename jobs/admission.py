@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from jobs.affinity import AFFINITY_FOLDERS
 from jobs.bus import JobBus
 from jobs.exceptions import InvalidRequest, JobsError
 from jobs.ledger import Claim, JobRecord, Ledger
@@ -147,6 +148,15 @@ class Admission:
             origin=origin,
             idempotency_key=idempotency_key,
             template=own.documents() if own is not None else None,
+            model=next(
+                (
+                    value
+                    for name, param in manifest.params.items()
+                    if param.folder in AFFINITY_FOLDERS
+                    and isinstance(value := params.get(name), str)
+                ),
+                None,
+            ),
         )
         if quota is not None:
             folders = {

@@ -20,15 +20,21 @@ from the jobs waiting in fair order (``jobs/fairness.py``):
 
 This module is the decision alone, pure and measured by simulation
 (``tests/test_affinity.py``: with a mixed backlog over K renderers, model loads against
-the offline optimum, and the longest wait against the bound). Wiring it into the
-frontend's release (a queue per renderer, with the shared lane queue as the fallback for
-a renderer that goes away) is the next step; see docs/architecture.md.
+the offline optimum, and the longest wait against the bound). :func:`choose_model` is
+the same decision by model; ``renderer/affinity.py`` runs it at the broker, where each
+model has a queue whose messages move to the lane's queue after the bound (rule 1 is
+then the broker's), and ``tests/test_affinity_fleet.py`` measures it through renderers
+and emulated ComfyUI servers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+#: Models folders whose file decides where a job renders best: loading one of these is
+#: what costs a GPU seconds to minutes (a job's ``model``).
+AFFINITY_FOLDERS = ("checkpoints", "diffusion_models", "unet")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +73,30 @@ def choose(
         if candidate.model is not None:
             counts[candidate.model] = counts.get(candidate.model, 0) + 1
             first.setdefault(candidate.model, rank)
-    cold = [m for m in counts if not loaded_elsewhere.get(m)]
+    model = choose_model(counts, None, loaded_elsewhere, bound=bound, render_seconds=render_seconds)
+    return None if model is None else waiting[first[model]]
+
+
+def choose_model(
+    counts: Mapping[str, int],
+    loaded: str | None,
+    loaded_elsewhere: Mapping[str, int],
+    *,
+    bound: float,
+    render_seconds: float,
+) -> str | None:
+    """Rules 2 to 5 by model, for a renderer that sees only how many jobs wait for each
+    model (``counts``, in the order their first jobs came: ties go to the earlier) and
+    how many other renderers have each loaded: the model whose jobs it should take next,
+    or None (stay idle). Jobs past the bound are not in ``counts``: the broker has moved
+    them to the lane's queue, which every renderer takes first (rule 1)."""
+    waiting = [model for model, count in counts.items() if count > 0]
+    if loaded is not None and loaded in waiting:
+        return loaded
+    cold = [m for m in waiting if not loaded_elsewhere.get(m)]
     if cold:
-        model = min(cold, key=lambda m: (-counts[m], first[m]))
-        return waiting[first[model]]
-    behind = [m for m in counts if counts[m] * render_seconds / loaded_elsewhere[m] > bound]
+        return max(cold, key=lambda m: (counts[m], -waiting.index(m)))
+    behind = [m for m in waiting if counts[m] * render_seconds / loaded_elsewhere[m] > bound]
     if behind:
-        model = max(behind, key=lambda m: (counts[m] / loaded_elsewhere[m], -first[m]))
-        return waiting[first[model]]
+        return max(behind, key=lambda m: (counts[m] / loaded_elsewhere[m], -waiting.index(m)))
     return None

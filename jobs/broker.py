@@ -17,6 +17,9 @@ Delivery semantics, shared by both:
 * Past the delivery limit the broker dead-letters the message with reason
   ``delivery_limit`` instead of delivering it again.
 * A handler that raises without settling its delivery has it requeued.
+* A queue with a message TTL dead-letters (reason ``expired``) each message that waited
+  there that long, to its dead-letter exchange with its dead-letter routing key, if any;
+  a returned delivery keeps its first expiry.
 * ``publish(..., mandatory=True)`` raises :class:`Unroutable` when no queue took the
   message, and returns only once the broker has confirmed it.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from jobs.topology import QueueSpec, Topology
@@ -58,14 +62,28 @@ class Delivery(ABC):
 
     @property
     def death_reason(self) -> str | None:
-        """Why the broker dead-lettered this message (``delivery_limit``, ``rejected``...)."""
-        reason = self.headers.get(FIRST_DEATH_REASON)
+        """Why the broker dead-lettered this message last (``delivery_limit``,
+        ``rejected``, ``expired``): a job may have expired from its model's queue before
+        it died in its lane's. ``x-death`` lists the deaths, the latest first."""
+        deaths = self.headers.get("x-death")
+        latest = deaths[0] if isinstance(deaths, list) and deaths else None
+        reason = latest.get("reason") if isinstance(latest, Mapping) else None
+        if reason is None:
+            reason = self.headers.get(FIRST_DEATH_REASON)
         if isinstance(reason, bytes):
             return reason.decode()
         return reason if isinstance(reason, str) else None
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    #: Messages ready (not counting those delivered and unsettled).
+    messages: int
+    #: Consumers subscribed now.
+    consumers: int
 
 
 class Subscription(ABC):
@@ -128,8 +146,23 @@ class Broker(ABC):
         """Take one message without a consumer (dead-letter inspection, admin retry)."""
 
     @abstractmethod
+    async def inspect(self, queue: str) -> QueueInfo:
+        """How many messages are ready in ``queue`` and how many consumers it has.
+        Raises :class:`BrokerUnavailable` when there is no such queue."""
+
     async def depth(self, queue: str) -> int:
         """Messages ready in ``queue`` (not counting those delivered and unsettled)."""
+        return (await self.inspect(queue)).messages
+
+    @abstractmethod
+    async def claim(self, name: str) -> bool:
+        """Take the claim ``name`` for this connection, or False when another connection
+        holds it. A claim lasts until :meth:`release` or until its connection closes
+        (RabbitMQ: an exclusive queue of that name)."""
+
+    @abstractmethod
+    async def release(self, name: str) -> None:
+        """Give up a claim this connection holds (nothing when it holds none)."""
 
     async def __aenter__(self) -> Broker:
         await self.connect()

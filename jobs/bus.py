@@ -6,11 +6,11 @@ which key, persistent or not, what may be dropped) is decided in one place.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import structlog
 
-from jobs.broker import Broker, Handler, Subscription
+from jobs.broker import Broker, Handler, QueueInfo, Subscription
 from jobs.exceptions import JobsError
 from jobs.models import Control, Event, Heartbeat, Job
 from jobs.topology import Topology
@@ -21,6 +21,11 @@ log = structlog.get_logger(__name__)
 class JobBus:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        #: Whether some renderer of a lane can load a model, so its jobs may wait for one
+        #: that has it loaded (model affinity). Set by a frontend from the renderers'
+        #: heartbeats; None = never: every job goes to its lane's queue.
+        self.serves: Callable[[str, str], bool] | None = None
+        self._declared: set[str] = set()
 
     @property
     def topology(self) -> Topology:
@@ -31,12 +36,52 @@ class JobBus:
         self.topology.lane_queue(job.lane)  # an unknown lane is a bug upstream: fail loudly
         await self.broker.publish(
             self.topology.jobs_exchange,
-            job.lane,
+            await self.route(job),
             job.to_wire(),
             persistent=True,
             mandatory=True,
             message_id=job.job_id,
         )
+
+    async def route(self, job: Job) -> str:
+        """The routing key of ``job``: its model's queue when affinity is on and some
+        renderer of its lane can load the model (the queue is declared first), else its
+        lane's queue."""
+        topology = self.topology
+        if (
+            not topology.affinity
+            or job.model is None
+            or self.serves is None
+            or not self.serves(job.lane, job.model)
+        ):
+            return job.lane
+        await self._declare_model(job.lane, job.model)
+        return topology.model_key(job.lane, job.model)
+
+    async def _declare_model(self, lane: str, model: str) -> str:
+        spec = self.topology.model_queue(lane, model)
+        if spec.name not in self._declared:
+            await self.broker.declare_queue(spec)
+            self._declared.add(spec.name)
+        return spec.name
+
+    async def inspect_model(self, lane: str, model: str) -> QueueInfo:
+        """Jobs waiting for ``model`` in ``lane`` and the renderers that have it resident."""
+        return await self.broker.inspect(await self._declare_model(lane, model))
+
+    async def claim_model(self, model: str) -> bool:
+        """Be the first renderer with ``model`` loaded (``Topology.model_claim``)."""
+        return await self.broker.claim(self.topology.model_claim(model))
+
+    async def release_model(self, model: str) -> None:
+        await self.broker.release(self.topology.model_claim(model))
+
+    async def consume_model(
+        self, lane: str, model: str, handler: Handler, *, prefetch: int
+    ) -> Subscription:
+        """Take ``lane``'s jobs for ``model`` (a renderer that has it loaded)."""
+        name = await self._declare_model(lane, model)
+        return await self.broker.consume(name, handler, prefetch=prefetch)
 
     async def emit(self, event: Event, reply_to: str) -> bool:
         """Publish an event to the frontend that owns the job.

@@ -52,6 +52,9 @@ class Waiting:
     tenant: str
     user: str
     created_at: str
+    #: Where it waits at the broker once released (its model's queue with model
+    #: affinity), when each destination has its own window; None: the lane's queue.
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +76,24 @@ class Release:
 
 
 def fair_order(
-    waiting: Iterable[Waiting], tags: Tags, *, limit: int | None = None, until: str | None = None
+    waiting: Iterable[Waiting],
+    tags: Tags,
+    *,
+    limit: int | None = None,
+    until: str | None = None,
+    room: Mapping[str | None, int] | None = None,
+    default_room: int = 0,
 ) -> list[Release]:
     """``waiting`` in release order, with the tags each release gives (the first
-    ``limit``, or up to and including ``until``)."""
+    ``limit``, or up to and including ``until``). With ``room`` (per model, see
+    :attr:`Waiting.model`; ``default_room`` for models not in it), a model's jobs take
+    part only while their destination has room: the order is the fair order of the jobs
+    that can go now, and a user whose jobs all wait for full destinations keeps its turn."""
+    left: dict[str | None, int] | None = None if room is None else dict(room)
     held: dict[str, dict[str, deque[Waiting]]] = defaultdict(lambda: defaultdict(deque))
     for job in sorted(waiting, key=lambda j: j.created_at):
+        if left is not None and left.setdefault(job.model, default_room) <= 0:
+            continue
         held[job.tenant][job.user].append(job)
     lane_clock = tags.lane_clock
     tenant_last = dict(tags.tenant_last)
@@ -103,9 +118,27 @@ def fair_order(
             del users[user]
         if not users:
             del held[tenant]
+        if left is not None:
+            left[job.model] -= 1
+            if left[job.model] <= 0:
+                _drop(held, job.model)
         if until is not None and job.job_id == until:
             break
     return order
+
+
+def _drop(held: dict[str, dict[str, deque[Waiting]]], model: str | None) -> None:
+    """Remove ``model``'s jobs from ``held``: its destination is full."""
+    for tenant in list(held):
+        users = held[tenant]
+        for user in list(users):
+            kept = deque(job for job in users[user] if job.model != model)
+            if kept:
+                users[user] = kept
+            else:
+                del users[user]
+        if not users:
+            del held[tenant]
 
 
 def _tenant_key(

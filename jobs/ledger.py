@@ -65,9 +65,12 @@ class JobRecord:
 class Ledger:
     """The jobs table and its history, in one SQLite file (``:memory:`` for tests)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, per_model: bool = False) -> None:
         self._file = SqliteFile(path, "the ledger", _create_tables)
         self._run = self._file.run
+        #: Model affinity: each model's jobs have their own window at the broker (its
+        #: model's queue), and a job's queue position counts its model's jobs only.
+        self.per_model = per_model
 
     async def open(self) -> None:
         await self._file.open()
@@ -76,7 +79,11 @@ class Ledger:
         await self._file.close()
 
     async def admit(
-        self, job: Job, quota: quotas.QuotaSettings | None = None, *, window: int | None = None
+        self,
+        job: Job,
+        quota: quotas.QuotaSettings | None = None,
+        *,
+        window: int | None = None,
     ) -> tuple[JobRecord, bool, Claim]:
         """Insert ``job`` as queued and unpublished, or return the job already admitted under
         its idempotency key. The boolean says whether this call created it.
@@ -108,6 +115,7 @@ class Ledger:
                             "tenant": job.origin.tenant,
                             "user": job.origin.user,
                             "job_json": job.model_dump_json(),
+                            "model": job.model,
                             "created_at": job.created_at.isoformat(),
                             "updated_at": now,
                         },
@@ -115,7 +123,11 @@ class Ledger:
                     _history(db, job.job_id, JobStatus.QUEUED, now, None)
                     if quota is not None:
                         quotas.reserve(db, job, quota, moment)
-                    claim = nothing if window is None else _claim(db, job.lane, window, moment)
+                    claim = (
+                        nothing
+                        if window is None
+                        else _claim(db, job.lane, window, moment, self.per_model, job)
+                    )
             except sqlite3.IntegrityError:
                 rows = list(
                     db.table("jobs").rows_where("idempotency_key = ?", [job.idempotency_key])
@@ -123,7 +135,9 @@ class Ledger:
                 if not rows:
                     raise
                 return _record(rows[0]), False, nothing
-            return _record(db.table("jobs").get(job.job_id)), True, claim
+            # The row as written, without reading it back (admission's hot path).
+            record = JobRecord(job, JobStatus.QUEUED, False, None, None, None, moment)
+            return record, True, claim
 
         return await self._run(insert)
 
@@ -162,13 +176,16 @@ class Ledger:
 
     async def release(self, lane: str, window: int) -> Claim:
         """Claim the next jobs of ``lane`` to publish, in fair order (``jobs/fairness.py``),
-        so that at most ``window`` of this ledger's jobs wait at the broker. A claim lasts
-        ``CLAIM_SECONDS``: a release that died before its publish was confirmed leaves the
-        job to a later one (the job may then be published twice, which is harmless)."""
+        so that at most ``window`` of this ledger's jobs wait at the broker, or with
+        :attr:`per_model` (model affinity) at most ``window`` per model: each model's queue
+        then shows the renderers its backlog, and a renderer that has a model loaded
+        keeps finding its next job. A claim lasts ``CLAIM_SECONDS``: a release that died
+        before its publish was confirmed leaves the job to a later one (the job may then
+        be published twice, which is harmless)."""
 
         def release(db: sqlite_utils.Database) -> Claim:
             with immediate(db):
-                return _claim(db, lane, window, utcnow())
+                return _claim(db, lane, window, utcnow(), self.per_model)
 
         return await self._run(release)
 
@@ -293,19 +310,29 @@ class Ledger:
             if not rows or rows[0]["status"] != JobStatus.QUEUED.value:
                 return None
             row = rows[0]
+            # With model affinity a job waits behind its model's jobs only (its model's
+            # queue), until the bound sends it to the lane's queue.
+            model = row["model"] if self.per_model and row["model"] is not None else None
+            same = "" if model is None else " AND model = ?"
             if row["published"]:
                 ahead = db.execute(
                     "SELECT COUNT(*) FROM jobs WHERE status = ? AND lane = ? AND published = 1 "
-                    "AND COALESCE(released_at, created_at) < ?",
+                    f"AND COALESCE(released_at, created_at) < ?{same}",
                     [
                         JobStatus.QUEUED.value,
                         row["lane"],
                         row["released_at"] or row["created_at"],
+                        *([] if model is None else [model]),
                     ],
                 ).fetchone()[0]
                 return int(ahead) + 1
-            order = fair_order(*_fair_state(db, row["lane"]), until=job_id)
-            return _waiting_at_broker(db, row["lane"]) + len(order)
+            waiting, tags = _fair_state(db, row["lane"])
+            order = fair_order(waiting, tags, until=job_id)
+            if model is None:
+                return _waiting_at_broker(db, row["lane"]) + len(order)
+            models = {job.job_id: job.model for job in waiting}
+            before = sum(1 for release in order if models[release.job_id] == model)
+            return _waiting_by_model(db, row["lane"], None).get(model, 0) + before
 
         return await self._run(position)
 
@@ -433,6 +460,7 @@ def _create_tables(db: sqlite_utils.Database) -> None:
         "released_at": str,
         "tenant_tag": int,
         "user_tag": int,
+        "model": str,  # model affinity: each model's jobs have their own window
     }
     for column, kind in added.items():  # fair release (jobs/fairness.py)
         if column not in jobs.columns_dict:
@@ -450,15 +478,33 @@ def _create_tables(db: sqlite_utils.Database) -> None:
     quotas.create_tables(db)
 
 
-def _claim(db: sqlite_utils.Database, lane: str, window: int, moment: datetime) -> Claim:
+def _claim(
+    db: sqlite_utils.Database,
+    lane: str,
+    window: int,
+    moment: datetime,
+    per_model: bool = False,
+    admitted: Job | None = None,
+) -> Claim:
     """Inside a transaction: claim, in fair order, the held jobs of ``lane`` the window
-    has room for, giving each its tags (``jobs/fairness.py``)."""
+    (``per_model``: each model's window) has room for, giving each its tags
+    (``jobs/fairness.py``). ``admitted``: the job this transaction inserted, whose record
+    needs no reading back."""
     stale = (moment - timedelta(seconds=CLAIM_SECONDS)).isoformat()
-    room = window - _waiting_at_broker(db, lane, stale)
-    if room <= 0:
-        return Claim([], False)
-    waiting, tags = _fair_state(db, lane, stale)
-    order = fair_order(waiting, tags, limit=room)
+    if per_model:
+        rooms = {
+            model: window - count for model, count in _waiting_by_model(db, lane, stale).items()
+        }
+        waiting, tags = _fair_state(db, lane, stale)
+        order = fair_order(waiting, tags, room=rooms, default_room=window)
+        more = len(waiting) > len(order) > 0
+    else:
+        room = window - _waiting_at_broker(db, lane, stale)
+        if room <= 0:
+            return Claim([], False)
+        waiting, tags = _fair_state(db, lane, stale)
+        order = fair_order(waiting, tags, limit=room)
+        more = len(waiting) > len(order) and len(order) == room
     for release in order:
         db.execute(
             "UPDATE jobs SET claimed_at = ?, tenant_tag = ?, user_tag = ? WHERE job_id = ?",
@@ -471,8 +517,13 @@ def _claim(db: sqlite_utils.Database, lane: str, window: int, moment: datetime) 
             "tenant_tag = excluded.tenant_tag, user_tag = excluded.user_tag",
             [release.tenant_tag, release.user_tag, release.job_id],
         )
-    records = [_record(db.table("jobs").get(release.job_id)) for release in order]
-    return Claim(records, len(waiting) > len(order) and len(order) == room)
+    records = [
+        JobRecord(admitted, JobStatus.QUEUED, False, None, None, None, moment)
+        if admitted is not None and release.job_id == admitted.job_id
+        else _record(_row(db, release.job_id))
+        for release in order
+    ]
+    return Claim(records, more)
 
 
 def _waiting_at_broker(db: sqlite_utils.Database, lane: str, stale: str | None = None) -> int:
@@ -486,6 +537,19 @@ def _waiting_at_broker(db: sqlite_utils.Database, lane: str, stale: str | None =
     return int(row[0])
 
 
+def _waiting_by_model(
+    db: sqlite_utils.Database, lane: str, stale: str | None
+) -> dict[str | None, int]:
+    """:func:`_waiting_at_broker`, per model."""
+    claimed = "" if stale is None else " OR claimed_at >= ?"
+    rows = db.execute(
+        "SELECT model, COUNT(*) FROM jobs WHERE lane = ? AND status = ? "
+        f"AND (published = 1{claimed}) GROUP BY model",
+        [lane, JobStatus.QUEUED.value, *([] if stale is None else [stale])],
+    ).fetchall()
+    return {model: int(count) for model, count in rows}
+
+
 def _fair_state(
     db: sqlite_utils.Database, lane: str, stale: str | None = None
 ) -> tuple[list[Waiting], Tags]:
@@ -493,9 +557,9 @@ def _fair_state(
     ``stale``, claimed ones only when their claim is older), and the tags releases left."""
     claimable = "" if stale is None else " AND (claimed_at IS NULL OR claimed_at < ?)"
     waiting = [
-        Waiting(job_id, tenant or "", user or "", created_at)
-        for job_id, tenant, user, created_at in db.execute(
-            "SELECT job_id, tenant, user, created_at FROM jobs "
+        Waiting(job_id, tenant or "", user or "", created_at, model)
+        for job_id, tenant, user, created_at, model in db.execute(
+            "SELECT job_id, tenant, user, created_at, model FROM jobs "
             f"WHERE lane = ? AND status = ? AND published = 0{claimable}",
             [lane, JobStatus.QUEUED.value, *([] if stale is None else [stale])],
         ).fetchall()
@@ -522,6 +586,13 @@ def _history(
     insert_row(
         db, "job_history", {"job_id": job_id, "status": status.value, "at": at, "detail": detail}
     )
+
+
+def _row(db: sqlite_utils.Database, job_id: str) -> dict[str, Any]:
+    """One job's row (``Table.get`` would look the primary key up on every call)."""
+    cursor = db.execute("SELECT * FROM jobs WHERE job_id = ?", [job_id])
+    names = [column[0] for column in cursor.description]
+    return dict(zip(names, cursor.fetchone(), strict=True))
 
 
 def _record(row: dict[str, Any]) -> JobRecord:

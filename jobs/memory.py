@@ -4,7 +4,8 @@ A :class:`MemoryHub` plays the server and holds every exchange and queue; each
 :class:`MemoryBroker` is one connection to it. Closing a connection returns its
 unsettled deliveries to their queues, counting a failed delivery, exactly as RabbitMQ
 does for a quorum queue when a consumer's connection drops. Delivery limits and
-dead-lettering (reasons ``delivery_limit`` and ``rejected``) follow RabbitMQ too, so
+dead-lettering (reasons ``delivery_limit``, ``rejected`` and ``expired``, with a queue's
+dead-letter routing key) and per-queue message TTLs follow RabbitMQ too, so
 the contract tests hold for both adapters.
 
 Nothing here survives the process: the embedded mode trades durability for having no
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,7 +25,15 @@ from typing import Any
 
 import structlog
 
-from jobs.broker import DELIVERY_COUNT, FIRST_DEATH_REASON, Broker, Delivery, Handler, Subscription
+from jobs.broker import (
+    DELIVERY_COUNT,
+    FIRST_DEATH_REASON,
+    Broker,
+    Delivery,
+    Handler,
+    QueueInfo,
+    Subscription,
+)
 from jobs.exceptions import BrokerUnavailable, Unroutable
 from jobs.topology import ExchangeKind, QueueSpec, Topology
 
@@ -38,6 +48,8 @@ class _Message:
     exchange: str
     routing_key: str
     delivery_count: int = 0
+    #: ``time.monotonic()`` past which its queue's TTL dead-letters it (kept on return).
+    expires_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -61,11 +73,29 @@ class _Queue:
         self._next = itertools.count()
 
     def put(self, message: _Message, *, front: bool = False) -> None:
+        ttl = self.spec.message_ttl_ms
+        if ttl is not None:
+            now = time.monotonic()
+            if message.expires_at is None:
+                message.expires_at = now + ttl / 1000
+            if message.expires_at <= now:
+                self.dead_letter(message, "expired")
+                return
+            asyncio.get_running_loop().call_later(message.expires_at - now, self._expire, message)
         if front:
             self.ready.appendleft(message)
         else:
             self.ready.append(message)
         self.dispatch()
+
+    def _expire(self, message: _Message) -> None:
+        """A message's TTL ran out: dead-letter it if it still waits here (one that was
+        delivered meanwhile is left alone, as RabbitMQ does)."""
+        for index, waiting in enumerate(self.ready):
+            if waiting is message:
+                del self.ready[index]
+                self.dead_letter(message, "expired")
+                return
 
     def returned(self, message: _Message) -> None:
         """A delivery came back unsettled or requeued: count it, maybe dead-letter it."""
@@ -79,7 +109,8 @@ class _Queue:
     def dead_letter(self, message: _Message, reason: str) -> None:
         dlx = self.spec.dead_letter_exchange
         if dlx is None:
-            log.warning("broker.dropped", queue=self.spec.name, reason=reason)
+            if reason != "expired":  # an expired heartbeat is meant to go
+                log.warning("broker.dropped", queue=self.spec.name, reason=reason)
             return
         headers = dict(message.headers)
         headers.pop(DELIVERY_COUNT, None)
@@ -94,9 +125,8 @@ class _Queue:
             "time": datetime.now(UTC),
         }
         headers["x-death"] = [death, *headers.get("x-death", [])]
-        self.hub.route(
-            dlx, message.routing_key, message.body, headers, message.message_id, mandatory=False
-        )
+        key = self.spec.dead_letter_routing_key or message.routing_key
+        self.hub.route(dlx, key, message.body, headers, message.message_id, mandatory=False)
 
     def dispatch(self) -> None:
         """Hand ready messages to consumers with room, round robin."""
@@ -199,6 +229,8 @@ class MemoryHub:
     def __init__(self) -> None:
         self.exchanges: dict[str, _Exchange] = {}
         self.queues: dict[str, _Queue] = {}
+        #: Claims (``Broker.claim``) and the connection holding each.
+        self.claims: dict[str, MemoryBroker] = {}
 
     def route(
         self,
@@ -257,6 +289,9 @@ class MemoryBroker(Broker):
         for delivery in list(self.unsettled):
             self.unsettled.discard(delivery)
             delivery.give_back()
+        for name, holder in list(self.hub.claims.items()):
+            if holder is self:
+                del self.hub.claims[name]
         for name, queue in list(self.hub.queues.items()):
             if queue.owner is self:
                 del self.hub.queues[name]
@@ -326,6 +361,15 @@ class MemoryBroker(Broker):
         self.unsettled.add(delivery)
         return delivery
 
-    async def depth(self, queue: str) -> int:
+    async def inspect(self, queue: str) -> QueueInfo:
         self._require()
-        return len(self._queue(queue).ready)
+        source = self._queue(queue)
+        return QueueInfo(len(source.ready), sum(1 for c in source.consumers if c.active))
+
+    async def claim(self, name: str) -> bool:
+        self._require()
+        return self.hub.claims.setdefault(name, self) is self
+
+    async def release(self, name: str) -> None:
+        if self.hub.claims.get(name) is self:
+            del self.hub.claims[name]

@@ -111,6 +111,9 @@ class Job(_Wire):
     #: {...}}``, checked again by the renderer (``Template.from_documents``). None: the
     #: workflow is in every renderer's catalog.
     template: dict[StrictStr, Any] | None = None
+    #: The model file it needs loaded (its checkpoint or diffusion model), for model
+    #: affinity; None: any renderer of its lane suits it equally.
+    model: StrictStr | None = None
 
     def attempt(self, delivery_count: int, delivery_limit: int) -> int:
         """The attempt number of a delivery: 1 for the first, growing across retries."""

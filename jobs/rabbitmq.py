@@ -18,6 +18,7 @@ import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import (
+    AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -26,7 +27,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
 
-from jobs.broker import DELIVERY_COUNT, Broker, Delivery, Handler, Subscription
+from jobs.broker import DELIVERY_COUNT, Broker, Delivery, Handler, QueueInfo, Subscription
 from jobs.exceptions import BrokerUnavailable, Unroutable
 from jobs.topology import ExchangeKind, QueueSpec, Topology
 
@@ -120,6 +121,11 @@ class RabbitBroker(Broker):
         self._timeout = timeout
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
+        #: A channel for passive declares (queue depths, consumers), opened when first
+        #: needed and again after a missing queue closed it: opening a channel per look
+        #: races aiormq's channel numbers under load ("expected 'channel.open'").
+        self._inspector: AbstractChannel | None = None
+        self._inspecting = asyncio.Lock()
         #: Queues declared through this broker, so a consumer's channel can declare them
         #: again itself after a reconnect (an exclusive queue is gone by then).
         self._specs: dict[str, QueueSpec] = {}
@@ -144,6 +150,7 @@ class RabbitBroker(Broker):
 
     async def close(self) -> None:
         connection, self._connection, self._publisher = self._connection, None, None
+        self._inspector = None
         if connection is not None:
             await connection.close()
 
@@ -237,20 +244,52 @@ class RabbitBroker(Broker):
         message = await source.get(no_ack=False, fail=False, timeout=self._timeout)
         return None if message is None else RabbitDelivery(message)
 
-    async def depth(self, queue: str) -> int:
+    async def inspect(self, queue: str) -> QueueInfo:
+        connection = self._connection
+        if connection is None:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        async with self._inspecting:
+            try:
+                if self._inspector is None or self._inspector.is_closed:
+                    self._inspector = await connection.channel()
+                # aiormq's own declare: aio-pika's robust channel answers a passive
+                # declare of a queue it has seen from its cache, with the first counts.
+                underlay = await self._inspector.get_underlay_channel()
+                result = await underlay.queue_declare(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                self._inspector = None  # a passive declare of a missing queue closed it
+                raise BrokerUnavailable(f"no queue {queue!r}: {exc}") from exc
+            except (*CONNECTION_EXCEPTIONS, ChannelInvalidStateError, TimeoutError) as exc:
+                self._inspector = None
+                raise BrokerUnavailable(f"cannot inspect {queue!r}: {exc}") from exc
+        return QueueInfo(int(result.message_count or 0), int(result.consumer_count or 0))
+
+    async def claim(self, name: str) -> bool:
         connection = self._connection
         if connection is None:
             raise BrokerUnavailable("not connected to RabbitMQ")
         try:
-            # A passive declare of a missing queue closes its channel: use a throwaway one.
+            # An exclusive queue is the connection's until it closes; declaring one that
+            # another connection holds fails with RESOURCE_LOCKED and closes the channel.
             async with connection.channel() as channel:
-                declared = await channel.declare_queue(queue, passive=True)
-                count = declared.declaration_result.message_count
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            raise BrokerUnavailable(f"no queue {queue!r}: {exc}") from exc
+                await channel.declare_queue(
+                    name, exclusive=True, durable=False, arguments={"x-queue-type": "classic"}
+                )
+        except aiormq.exceptions.ChannelLockedResource:
+            return False
         except (*CONNECTION_EXCEPTIONS, ChannelInvalidStateError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"cannot read the depth of {queue!r}: {exc}") from exc
-        return int(count or 0)
+            raise BrokerUnavailable(f"cannot claim {name!r}: {exc}") from exc
+        return True
+
+    async def release(self, name: str) -> None:
+        connection = self._connection
+        if connection is None:
+            return
+        try:
+            async with connection.channel() as channel:
+                await channel.queue_delete(name)
+        except (*CONNECTION_EXCEPTIONS, ChannelInvalidStateError, TimeoutError) as exc:
+            log.warning("broker.release_failed", claim=name, error=str(exc))
 
 
 async def _declare(channel: AbstractRobustChannel, spec: QueueSpec) -> AbstractRobustQueue:

@@ -35,6 +35,10 @@ class AmqpSettings(BaseSettings):
     delivery_limit: int = Field(default=DEFAULT_DELIVERY_LIMIT, ge=0, le=100)
     #: Seconds for connecting and for each publisher confirm.
     timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Model affinity: a job for a model file waits this long for a renderer that has the
+    #: model loaded, then any renderer of its lane takes it. 0 turns affinity off. Every
+    #: service of a deployment must agree (it is an argument of the model queues).
+    affinity_wait_seconds: float = Field(default=30.0, ge=0, le=3600)
 
     _split_lanes = field_validator("lanes", mode="before")(split_csv)
 
@@ -49,7 +53,12 @@ class AmqpSettings(BaseSettings):
         return lanes
 
     def topology(self) -> Topology:
-        return build_topology(self.lanes, prefix=self.prefix, delivery_limit=self.delivery_limit)
+        return build_topology(
+            self.lanes,
+            prefix=self.prefix,
+            delivery_limit=self.delivery_limit,
+            affinity_wait_ms=round(self.affinity_wait_seconds * 1000),
+        )
 
 
 class FairSettings(BaseSettings):

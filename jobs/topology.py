@@ -4,6 +4,10 @@
 
     brigade.jobs (direct, key = lane) ──▶ brigade.jobs.<lane>   quorum, delivery limit,
                                                                   dead-letters at least once
+    brigade.jobs (key = lane.model.<file>) ──▶ brigade.jobs.<lane>.model.<file>   quorum,
+                          one per model file (model affinity, renderer/affinity.py); a job
+                          waits there at most the affinity wait, then is dead-lettered to
+                          its lane's queue, where any renderer takes it
     brigade.dlx (fanout) ──▶ brigade.jobs.dead                   kept for /queue retry
                          └─▶ brigade.jobs.dead.notices           read by every frontend's
                                                                   DeadLetterNotifier
@@ -18,6 +22,8 @@ a restarted bot picks up where it stopped.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -32,6 +38,8 @@ DEFAULT_EVENTS_QUEUE_EXPIRES_MS = 7 * 24 * 3600 * 1000
 HEARTBEAT_TTL_MS = 30_000
 #: A renderer's control queue or a frontend's heartbeat queue unused this long goes.
 PRIVATE_QUEUE_EXPIRES_MS = 60_000
+#: A model queue unused this long (no job, no renderer) is removed by the broker.
+MODEL_QUEUE_EXPIRES_MS = 24 * 3600 * 1000
 
 
 class ExchangeKind(str, Enum):
@@ -62,6 +70,8 @@ class QueueSpec:
     exclusive: bool = False
     delivery_limit: int | None = None
     dead_letter_exchange: str | None = None
+    #: The routing key of dead-lettered messages (None: the key they were published with).
+    dead_letter_routing_key: str | None = None
     expires_ms: int | None = None
     #: Messages older than this are dropped unread (heartbeats are news, not history).
     message_ttl_ms: int | None = None
@@ -79,6 +89,8 @@ class QueueSpec:
                 # At-most-once dead-lettering can lose a job that hit its limit.
                 args["x-dead-letter-strategy"] = "at-least-once"
                 args["x-overflow"] = "reject-publish"
+            if self.dead_letter_routing_key is not None:
+                args["x-dead-letter-routing-key"] = self.dead_letter_routing_key
         if self.expires_ms is not None:
             args["x-expires"] = self.expires_ms
         if self.message_ttl_ms is not None:
@@ -94,6 +106,9 @@ class Topology:
     lanes: tuple[str, ...]
     delivery_limit: int
     events_queue_expires_ms: int
+    #: How long a job waits in its model's queue before any renderer may take it; 0 =
+    #: no model affinity (every job goes straight to its lane's queue).
+    affinity_wait_ms: int = 0
     exchanges: tuple[ExchangeSpec, ...] = field(default=())
     queues: tuple[QueueSpec, ...] = field(default=())
 
@@ -130,6 +145,36 @@ class Topology:
             raise ValueError(f"unknown lane {lane!r} (lanes: {', '.join(self.lanes)})")
         return f"{self.prefix}.jobs.{lane}"
 
+    @property
+    def affinity(self) -> bool:
+        return self.affinity_wait_ms > 0
+
+    def model_key(self, lane: str, model: str) -> str:
+        """The routing key (and queue name suffix) of ``model``'s jobs in ``lane``."""
+        self.lane_queue(lane)
+        return f"{lane}.model.{_slug(model)}"
+
+    def model_claim(self, model: str) -> str:
+        """The claim (``Broker.claim``) a renderer holds while it is the first to have
+        ``model`` loaded, so two idle renderers never switch to the same model at once."""
+        return f"{self.prefix}.claims.{_slug(model)}"
+
+    def model_queue(self, lane: str, model: str) -> QueueSpec:
+        """The queue where ``lane``'s jobs for ``model`` wait for a renderer that has it
+        loaded, at most :attr:`affinity_wait_ms`; then the broker dead-letters them to the
+        lane's queue (a job that exhausts its deliveries here goes there too, and meets
+        the lane's own delivery limit and dead-letter queue)."""
+        key = self.model_key(lane, model)
+        return QueueSpec(
+            name=f"{self.prefix}.jobs.{key}",
+            bindings=(Binding(self.jobs_exchange, key),),
+            delivery_limit=self.delivery_limit,
+            dead_letter_exchange=self.jobs_exchange,
+            dead_letter_routing_key=lane,
+            expires_ms=MODEL_QUEUE_EXPIRES_MS,
+            message_ttl_ms=self.affinity_wait_ms,
+        )
+
     def events_queue(self, frontend_id: str) -> QueueSpec:
         """The durable event queue of one frontend instance (declared by that frontend)."""
         return QueueSpec(
@@ -162,12 +207,21 @@ class Topology:
         )
 
 
+def _slug(model: str) -> str:
+    """A model file name made safe for a queue name, with a hash of the exact name so no
+    two files share one."""
+    digest = hashlib.sha256(model.encode()).hexdigest()[:12]
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.rsplit("/", 1)[-1])[:60]
+    return f"{readable}.{digest}"
+
+
 def build_topology(
     lanes: Iterable[str] = ("fast",),
     *,
     prefix: str = "brigade",
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
     events_queue_expires_ms: int = DEFAULT_EVENTS_QUEUE_EXPIRES_MS,
+    affinity_wait_ms: int = 0,
 ) -> Topology:
     """The whole topology for these lanes. Tests pass a uuid ``prefix`` to stay apart."""
     lanes = tuple(dict.fromkeys(lanes))
@@ -175,7 +229,9 @@ def build_topology(
         raise ValueError("at least one lane is needed")
     if delivery_limit < 0:
         raise ValueError("delivery_limit must be >= 0")
-    base = Topology(prefix, lanes, delivery_limit, events_queue_expires_ms)
+    if affinity_wait_ms < 0:
+        raise ValueError("affinity_wait_ms must be >= 0")
+    base = Topology(prefix, lanes, delivery_limit, events_queue_expires_ms, affinity_wait_ms)
     exchanges = (
         ExchangeSpec(base.jobs_exchange, ExchangeKind.DIRECT),
         ExchangeSpec(base.events_exchange, ExchangeKind.DIRECT),
@@ -196,4 +252,6 @@ def build_topology(
         QueueSpec(base.dead_letter_queue, (Binding(base.dead_letter_exchange),)),
         QueueSpec(base.dead_letter_notices, (Binding(base.dead_letter_exchange),)),
     )
-    return Topology(prefix, lanes, delivery_limit, events_queue_expires_ms, exchanges, queues)
+    return Topology(
+        prefix, lanes, delivery_limit, events_queue_expires_ms, affinity_wait_ms, exchanges, queues
+    )

@@ -36,11 +36,20 @@ class LaneScheduler:
     def waiting(self) -> int:
         return sum(len(queue) for queue in self._waiting.values())
 
+    @property
+    def free(self) -> int:
+        """Slots no render holds."""
+        return self._free
+
     @asynccontextmanager
-    async def turn(self, lane: str) -> AsyncIterator[None]:
-        """Wait for a slot for a delivery of ``lane``; hold it for the block."""
+    async def turn(self, lane: str, *, first: bool = False) -> AsyncIterator[None]:
+        """Wait for a slot for a delivery of ``lane``; hold it for the block. ``first``:
+        ahead of the lane's other waiting deliveries (a job that waited its bound)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting[lane].append(future)
+        if first:
+            self._waiting[lane].appendleft(future)
+        else:
+            self._waiting[lane].append(future)
         self._grant()
         try:
             await future

@@ -49,6 +49,9 @@ class RendererSettings(BaseSettings):
     health_host: str = "127.0.0.1"
     #: Seconds between two heartbeats (the fleet registry drops a worker after 3 missed).
     heartbeat_seconds: float = Field(default=5.0, gt=0, le=300)
+    #: Model affinity (``AMQP_AFFINITY_WAIT_SECONDS``): how often an idle renderer looks
+    #: at the other models' queues to decide whether to switch (jittered by half).
+    affinity_poll_seconds: float = Field(default=0.5, gt=0, le=60)
     #: Torch device for the demo backend: ``auto`` picks CUDA when present.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Demo backend only: least wall time per step, so its progress is visible to a person.

@@ -36,6 +36,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from jobs.affinity import AFFINITY_FOLDERS
 from jobs.broker import Delivery, Subscription
 from jobs.bus import JobBus
 from jobs.control import CANCELLED_MESSAGE
@@ -55,6 +56,7 @@ from jobs.models import (
     Succeeded,
     WorkerState,
 )
+from renderer.affinity import ModelAffinity
 from renderer.backends.base import Backend, RenderTask
 from renderer.exceptions import InvalidWorkflow, RenderError
 from renderer.lanes import LaneScheduler
@@ -297,6 +299,8 @@ class Worker:
         self._state = WorkerState.IDLE
         self._beating: asyncio.Task[None] | None = None
         self._lanes = LaneScheduler(settings.lanes, settings.lane_weights, 1)
+        #: Model affinity, when the topology has it (renderer/affinity.py).
+        self.affinity: ModelAffinity | None = None
         self.completed = 0
         self.failed = 0
         self.previews_sent = 0
@@ -336,6 +340,17 @@ class Worker:
             self._subscriptions += await self._bus.consume_jobs(
                 [lane], functools.partial(self._on_delivery, lane), prefetch=held
             )
+        if self._bus.topology.affinity:
+            self.affinity = ModelAffinity(
+                self._bus,
+                self._settings.lanes,
+                functools.partial(self._on_delivery, first=False),
+                models=self._affine_models,
+                idle=lambda: self._lanes.free > 0 and self._lanes.waiting == 0,
+                poll_seconds=self._settings.affinity_poll_seconds,
+                prefetch=self.prefetch,
+            )
+            await self.affinity.start()
         self._beating = asyncio.create_task(self._heartbeats(), name=f"heartbeats:{self.worker_id}")
         log.info(
             "worker.started",
@@ -348,6 +363,8 @@ class Worker:
         """Take no new job; give running ones ``drain_seconds``, then hand them back."""
         drain = self._settings.drain_seconds if drain_seconds is None else drain_seconds
         self._state = WorkerState.DRAINING
+        if self.affinity is not None:
+            await self.affinity.stop()
         for subscription in self._subscriptions:
             await subscription.cancel()
         self._subscriptions = []
@@ -418,13 +435,28 @@ class Worker:
         while len(self._cancelled) > REMEMBERED_CANCELS:
             self._cancelled.popitem(last=False)
 
-    async def _on_delivery(self, lane: str, delivery: Delivery) -> None:
+    def _affine_models(self) -> list[str]:
+        """The model files this renderer's backend can load, for model affinity."""
+        available = self._renderer.backend.describe().get("available_models")
+        if not isinstance(available, dict):
+            return []
+        return [
+            str(file)
+            for folder in AFFINITY_FOLDERS
+            for file in available.get(folder) or ()
+            if isinstance(file, str)
+        ]
+
+    async def _on_delivery(self, lane: str, delivery: Delivery, *, first: bool = True) -> None:
+        """A job from ``lane``'s queue (``first``: it comes before the lane's jobs from a
+        model's queue, having waited its bound or needing no model) or from the resident
+        model's queue."""
         task = asyncio.current_task()
         assert task is not None
         self._running.add(task)
         self._idle.clear()
         try:
-            async with self._lanes.turn(lane):
+            async with self._lanes.turn(lane, first=first):
                 if self._state is WorkerState.IDLE:
                     self._state = WorkerState.BUSY
                 await self._handle(delivery)
@@ -452,6 +484,11 @@ class Worker:
         if job.job_id in self._cancelled:
             await self._cancelled_job(delivery, emitter)
             return
+        if self.affinity is not None:
+            try:
+                await self.affinity.follow(job.model)
+            except JobsError as exc:  # it renders anyway; the next job tries again
+                log.warning("affinity.follow_failed", model=job.model, error=str(exc))
         reporter = JobReporter(emitter, PreviewThrottle(self._settings.preview_interval_seconds))
         started = time.perf_counter()
         queued = max(0.0, time.time() - job.created_at.timestamp())
@@ -474,6 +511,8 @@ class Worker:
         finally:
             self._renders.pop(job.job_id, None)
         timings["queued"] = round(queued, 4)
+        if self.affinity is not None:
+            self.affinity.rendered(timings["render"])
         await emitter.emit(Succeeded, outputs=outputs, seed=job.seed, timings=timings)
         await delivery.ack()
         self.completed += 1

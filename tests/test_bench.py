@@ -86,3 +86,26 @@ def test_chaos(amqp_url: str) -> None:
     assert figures["lost (not terminal in the ledger)"] == "0", out
     assert figures["terminal events seen twice by listeners"] == "0", out
     assert int(figures["jobs ended"]) == int(figures["jobs admitted"]) > 0, out
+
+
+def test_affinity(amqp_url: str) -> None:
+    out = run_bench(
+        "bench.affinity",
+        amqp_url,
+        *("--renderers", "2", "--models", "3", "--jobs", "6", "--rounds", "1"),
+        *("--load-seconds", "0.05", "--rate", "50"),
+    )
+    rows = re.findall(
+        rf"^(burst|trickle) (affinity|fifo)\s+(\d+)\s+(\d+)\s+{NUMBER}s\s+{NUMBER}s\s+{NUMBER}s"
+        rf"\s+{NUMBER}s$",
+        out,
+        re.MULTILINE,
+    )
+    assert [(arrival, mode) for arrival, mode, *_ in rows] == [
+        ("burst", "affinity"),
+        ("burst", "fifo"),
+        ("trickle", "affinity"),
+        ("trickle", "fifo"),
+    ], out
+    for _, _, loads, optimum, *_ in rows:
+        assert int(loads) >= int(optimum) == 3, out

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from jobs.broker import Broker, Delivery
+from jobs.broker import Broker, Delivery, QueueInfo
 from jobs.exceptions import BrokerUnavailable, Unroutable
 from tests.fixtures.brokers import BrokerFactory
 
@@ -43,6 +43,13 @@ async def get_one(broker: Broker, queue: str) -> Delivery:
             delivery = await broker.get(queue)
             if delivery is not None:
                 return delivery
+            await asyncio.sleep(0.05)
+
+
+async def until_inspected(broker: Broker, queue: str, expected: QueueInfo) -> None:
+    """Wait until ``queue`` looks like ``expected`` (the broker settles asynchronously)."""
+    async with asyncio.timeout(10):
+        while await broker.inspect(queue) != expected:
             await asyncio.sleep(0.05)
 
 
@@ -220,3 +227,74 @@ async def test_depth_of_a_missing_queue_is_broker_unavailable(
     with pytest.raises(BrokerUnavailable, match="no queue"):
         await broker.depth(f"{test_prefix}.missing")
     assert await broker.depth(topology.lane_queue("fast")) == 0  # the connection survives
+
+
+async def test_a_job_waits_in_its_model_queue_at_most_the_affinity_wait(
+    brokers: BrokerFactory, test_prefix: str
+) -> None:
+    model = "sd_xl_base_1.0.safetensors"
+    topology = brokers.topology(test_prefix, affinity_wait_ms=300, models=(model,))
+    broker = await brokers.connect(topology)
+    await broker.declare((topology.model_queue("fast", model),))
+    model_queue = topology.model_queue("fast", model).name
+
+    await broker.publish(topology.jobs_exchange, topology.model_key("fast", model), b"job")
+    assert (await broker.inspect(model_queue)).messages == 1
+
+    # Nobody took it from its model's queue: the broker moves it to the lane's queue.
+    delivery = await get_one(broker, topology.lane_queue("fast"))
+    assert delivery.body == b"job"
+    assert delivery.death_reason == "expired"
+    # (A quorum queue counts it until the lane's queue has confirmed it.)
+    await until_inspected(broker, model_queue, QueueInfo(messages=0, consumers=0))
+    # Rejected there, it dies for that reason, not for its first death.
+    await delivery.dead_letter()
+    dead = await get_one(broker, topology.dead_letter_queue)
+    assert dead.body == b"job"
+    assert dead.death_reason == "rejected"
+    await dead.ack()
+
+
+async def test_a_consumed_model_queue_keeps_its_job_and_counts_its_consumer(
+    brokers: BrokerFactory, test_prefix: str
+) -> None:
+    model = "v1-5-pruned-emaonly.safetensors"
+    topology = brokers.topology(test_prefix, affinity_wait_ms=60_000, models=(model,))
+    broker = await brokers.connect(topology)
+    spec = topology.model_queue("fast", model)
+    await broker.declare((spec,))
+    assert await broker.inspect(spec.name) == QueueInfo(messages=0, consumers=0)
+    inbox = Inbox()
+    subscription = await broker.consume(spec.name, inbox, prefetch=1)
+    assert (await broker.inspect(spec.name)).consumers == 1
+
+    await broker.publish(topology.jobs_exchange, topology.model_key("fast", model), b"job")
+
+    (delivery,) = await inbox.wait_for(1)
+    assert delivery.body == b"job"
+    assert delivery.death_reason is None
+    await subscription.cancel()
+    await until_inspected(broker, spec.name, QueueInfo(messages=0, consumers=0))
+    assert await broker.depth(topology.lane_queue("fast")) == 0
+
+
+async def test_a_claim_is_held_by_one_connection_until_released_or_closed(
+    brokers: BrokerFactory, test_prefix: str
+) -> None:
+    topology = brokers.topology(test_prefix)
+    first = await brokers.connect(topology, "first")
+    second = await brokers.connect(topology, "second")
+    await first.declare()
+    name = topology.model_claim("sd_xl_base_1.0.safetensors")
+
+    assert await first.claim(name)
+    assert await first.claim(name)  # its own: taken again
+    assert not await second.claim(name)
+    await first.release(name)
+    assert await second.claim(name)
+    assert not await first.claim(name)
+    await second.close()  # a renderer that dies lets go of its claims
+    async with asyncio.timeout(10):
+        while not await first.claim(name):
+            await asyncio.sleep(0.05)
+    await first.release(name)

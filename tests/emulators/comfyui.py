@@ -1655,10 +1655,12 @@ class ComfyUIEmulator:
     prompts meet), ``executed`` (prompt ids in the order they finished, any outcome;
     ``wait_executed`` waits on it), ``submitted`` (accepted POST /prompt bodies),
     ``free_calls``, ``interrupts`` (POST /interrupt bodies, ``None`` when there was no
-    JSON body), ``loaded_models`` (name -> VRAM bytes), ``files`` ((type, subfolder,
+    JSON body), ``loaded_models`` (name -> VRAM bytes, least recently used first),
+    ``loads`` (every model load, in order), ``files`` ((type, subfolder,
     name) -> bytes: outputs, uploads). The knobs (``step_seconds``, ``history_delay``,
-    ...), the model lists (``checkpoints``, ``diffusion_models``, ``text_encoders``,
-    ``vaes``, ``embeddings``; ``model_files`` by folder for the other folders),
+    ``model_load_seconds``, ``resident_models``, ...), the model lists (``checkpoints``,
+    ``diffusion_models``, ``text_encoders``, ``vaes``, ``embeddings``; ``model_files`` by
+    folder for the other folders),
     ``devices`` (``None``: one fake CUDA GPU of ``vram_total``), ``preview_method`` and
     ``argv`` can be changed at any time.
     """
@@ -1686,6 +1688,11 @@ class ComfyUIEmulator:
         self.preview_method = preview_method
         self.history_delay = history_delay
         self.model_load_seconds = model_load_seconds
+        #: At most this many models stay loaded (None: no limit); loading one more
+        #: evicts the least recently used, as a GPU with room for one checkpoint does.
+        self.resident_models: int | None = None
+        #: Every model load, in order (a model already loaded is not loaded again).
+        self.loads: list[str] = []
         self.vram_total = vram_total
         self.device_name = "NVIDIA GeForce RTX 4090"
         self.devices: list[dict[str, Any]] | None = None
@@ -2745,7 +2752,13 @@ class ComfyUIEmulator:
 
     async def _ensure_loaded(self, name: str) -> None:
         if name in self.loaded_models:
+            self.loaded_models[name] = self.loaded_models.pop(name)  # most recently used
             return
+        limit = self.resident_models
+        if limit is not None:  # a GPU that holds ``limit`` models: evict the oldest
+            while len(self.loaded_models) >= limit:
+                del self.loaded_models[next(iter(self.loaded_models))]
+        self.loads.append(name)
         if self.model_load_seconds > 0:
             await asyncio.sleep(self.model_load_seconds)
         self.loaded_models[name] = next(size for part, size in MODEL_SIZES if part in name.lower())
