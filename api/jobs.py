@@ -342,7 +342,7 @@ async def read_queue(api: ApiState) -> Queue:
     lanes = []
     for lane in bus.topology.lanes:
         try:
-            depth = await bus.broker.depth(bus.topology.lane_queue(lane))
+            depth = await bus.depth(lane)
         except Exception as exc:  # an adapter may raise its library's own errors
             raise unavailable(f"The broker did not answer: {exc}") from exc
         lanes.append(

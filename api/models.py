@@ -127,7 +127,11 @@ class WorkflowList(_Out):
 
 class Lane(_Out):
     name: str
-    depth: int = Field(ge=0, description="Messages ready in the lane's queue (the broker).")
+    depth: int = Field(
+        ge=0,
+        description="Jobs ready at the broker for the lane: its queue and, with model "
+        "affinity, its models' queues.",
+    )
     queued: int = Field(ge=0, description="Jobs of this frontend queued (the ledger).")
     running: int = Field(ge=0, description="Jobs of this frontend rendering (the ledger).")
 

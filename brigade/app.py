@@ -23,6 +23,7 @@ from api.server import ApiServer, bind_api, start_api
 from api.settings import ApiSettings
 from brigade.settings import BrigadeSettings
 from jobs.admission import Admission
+from jobs.affinity import AFFINITY_FOLDERS
 from jobs.broker import Broker
 from jobs.bus import JobBus
 from jobs.control import JobControl
@@ -111,13 +112,16 @@ async def frontend(
     stack.push_async_callback(workers.stop)
     quota_defaults = QuotaDefaults().settings()
 
-    def serves(lane: str, model: str) -> bool:  # model affinity (jobs/bus.py)
-        return any(
-            lane in beat.lanes and any(model in files for files in beat.available_models.values())
+    def models(lane: str) -> set[str]:  # model affinity (jobs/bus.py)
+        return {
+            file
             for beat in workers.workers()
-        )
+            if lane in beat.lanes
+            for folder in AFFINITY_FOLDERS
+            for file in beat.available_models.get(folder, ())
+        }
 
-    bus.serves = serves
+    bus.models = models
     admission = Admission(
         catalog,
         ledger,

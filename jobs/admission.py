@@ -78,10 +78,7 @@ class Admission:
     async def depths(self) -> dict[str, int]:
         """Jobs waiting in each lane's queue at the broker, every frontend's included
         (not those a renderer already holds)."""
-        topology = self._bus.topology
-        return {
-            lane: await self._bus.broker.depth(topology.lane_queue(lane)) for lane in self.lanes
-        }
+        return {lane: await self._bus.depth(lane) for lane in self.lanes}
 
     def validate(
         self,

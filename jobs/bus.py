@@ -6,7 +6,7 @@ which key, persistent or not, what may be dropped) is decided in one place.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import structlog
 
@@ -21,11 +21,12 @@ log = structlog.get_logger(__name__)
 class JobBus:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        #: Whether some renderer of a lane can load a model, so its jobs may wait for one
-        #: that has it loaded (model affinity). Set by a frontend from the renderers'
-        #: heartbeats; None = never: every job goes to its lane's queue.
-        self.serves: Callable[[str, str], bool] | None = None
-        self._declared: set[str] = set()
+        #: The model files some renderer of a lane can load, whose jobs may wait for one
+        #: that has the model loaded (model affinity). Set by a frontend from the
+        #: renderers' heartbeats; None = none: every job goes to its lane's queue.
+        self.models: Callable[[str], Collection[str]] | None = None
+        #: (lane, model) of the model queues this bus declared.
+        self._declared: set[tuple[str, str]] = set()
 
     @property
     def topology(self) -> Topology:
@@ -51,8 +52,8 @@ class JobBus:
         if (
             not topology.affinity
             or job.model is None
-            or self.serves is None
-            or not self.serves(job.lane, job.model)
+            or self.models is None
+            or job.model not in self.models(job.lane)
         ):
             return job.lane
         await self._declare_model(job.lane, job.model)
@@ -60,10 +61,23 @@ class JobBus:
 
     async def _declare_model(self, lane: str, model: str) -> str:
         spec = self.topology.model_queue(lane, model)
-        if spec.name not in self._declared:
+        if (lane, model) not in self._declared:
             await self.broker.declare_queue(spec)
-            self._declared.add(spec.name)
+            self._declared.add((lane, model))
         return spec.name
+
+    async def depth(self, lane: str) -> int:
+        """Jobs waiting for ``lane``'s renderers at the broker, every frontend's: in the
+        lane's queue and, with model affinity, in the queues of the models its renderers
+        can load (and of those this bus published to)."""
+        depth = await self.broker.depth(self.topology.lane_queue(lane))
+        if self.topology.affinity:
+            models = {model for known, model in self._declared if known == lane}
+            if self.models is not None:
+                models |= set(self.models(lane))
+            for model in sorted(models):
+                depth += (await self.inspect_model(lane, model)).messages
+        return depth
 
     async def inspect_model(self, lane: str, model: str) -> QueueInfo:
         """Jobs waiting for ``model`` in ``lane`` and the renderers that have it resident."""

@@ -24,6 +24,8 @@ import jsonschema
 import pytest
 import yaml
 
+from jobs.topology import build_topology
+
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "compose"
 MAIN = COMPOSE / "docker-compose.yml"
@@ -474,11 +476,20 @@ def test_the_app_image_has_no_torch() -> None:
 # -- the KEDA example ----------------------------------------------------------------
 
 
-def test_the_keda_example_scales_on_the_fast_lane() -> None:
+def test_the_keda_example_scales_on_every_queue_of_the_fast_lane() -> None:
     documents = list(yaml.safe_load_all((COMPOSE / "k8s/keda-scaledobject.yaml").read_text()))
     scaled = next(d for d in documents if d["kind"] == "ScaledObject")
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "rabbitmq"
-    assert trigger["metadata"]["queueName"] == "brigade.jobs.fast"
+    # The lane's queue and its models' queues (model affinity), and nothing else.
+    pattern = re.compile(trigger["metadata"]["queueName"])
+    topology = build_topology(["fast", "relax"], affinity_wait_ms=30_000)
+    assert pattern.fullmatch(topology.lane_queue("fast"))
+    assert pattern.fullmatch(topology.model_queue("fast", "sd_xl_base_1.0.safetensors").name)
+    for other in ("brigade.jobs.relax", "brigade.jobs.dead", "brigade.jobs.dead.notices"):
+        assert not pattern.fullmatch(other)
+    assert trigger["metadata"]["useRegex"] == "true"
+    assert trigger["metadata"]["operation"] == "sum"
+    assert trigger["metadata"]["protocol"] == "http"  # KEDA matches regexes over http only
     assert trigger["metadata"]["mode"] == "QueueLength"
     assert "host" not in trigger["metadata"], "the AMQP URL is a secret"
