@@ -7,8 +7,9 @@ Run from the repository root, with RabbitMQ at ``AMQP_URL`` (default: guest on l
 Each round publishes ``--jobs`` messages one at a time with publisher confirms through
 plain aio-pika (the floor nothing can beat), then admits ``--jobs`` requests through
 ``Admission.submit`` (validate against the manifest, write the SQLite ledger row, publish
-with a confirm, mark it published). Rounds alternate, so both see the same machine;
-it prints the median rate of each and their ratio. Queues are deleted afterwards.
+with a confirm; the "published" mark is written in the background). Rounds alternate, so
+both see the same machine; it prints the median rate of each and their ratio. Queues are
+deleted afterwards.
 """
 
 from __future__ import annotations

@@ -266,7 +266,7 @@ class Admission:
                 for rest in claimed[index:]:
                     await self._ledger.unclaim(rest.job.job_id)
                 raise
-            await self._ledger.mark_published(record.job.job_id)
+            self._ledger.confirmed(record.job.job_id)  # written in the background
             published.append(record.job.job_id)
         return published
 

@@ -11,13 +11,16 @@ sqlite3 blocks, so every call runs in a worker thread, one at a time.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Container
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlite_utils
+import structlog
 
 from jobs import quotas
 from jobs.fairness import Tags, Waiting, fair_order
@@ -34,6 +37,8 @@ from jobs.models import (
 from jobs.sql import SqliteFile, immediate, insert_row
 
 T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
 
 #: How long a release's claim on a job holds before another release may take it.
 CLAIM_SECONDS = 60
@@ -71,11 +76,17 @@ class Ledger:
         #: Model affinity: each model's jobs have their own window at the broker (its
         #: model's queue), and a job's queue position counts its model's jobs only.
         self.per_model = per_model
+        #: Jobs the broker confirmed whose "published" is not written yet (:meth:`confirmed`):
+        #: reads count them as published.
+        self._confirmed: set[str] = set()
+        self._unwritten: list[str] = []
+        self._marking: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         await self._file.open()
 
     async def close(self) -> None:
+        await self.flush()
         await self._file.close()
 
     async def admit(
@@ -174,6 +185,44 @@ class Ledger:
             )
         )
 
+    def confirmed(self, job_id: str) -> None:
+        """The broker confirmed ``job_id``: it is published. Written in the background,
+        batched with other confirms, so an admission does not wait for a second
+        transaction; until then the ledger's reads count it as published. A crash before
+        the write leaves the job claimed: it is released (published) again once its claim
+        lapses, which is harmless (the renderer is idempotent by job id)."""
+        self._confirmed.add(job_id)
+        self._unwritten.append(job_id)
+        if self._marking is None or self._marking.done():
+            self._marking = asyncio.create_task(self._write_confirmed(), name="ledger-confirms")
+
+    async def flush(self) -> None:
+        """Wait until every confirm so far is written."""
+        while self._marking is not None and not self._marking.done():
+            await asyncio.shield(self._marking)
+
+    async def _write_confirmed(self) -> None:
+        while self._unwritten:
+            batch, self._unwritten = self._unwritten, []
+            moment = utcnow().isoformat()
+
+            def write(
+                db: sqlite_utils.Database, batch: list[str] = batch, moment: str = moment
+            ) -> None:
+                with immediate(db):
+                    db.conn.executemany(
+                        "UPDATE jobs SET published = 1, claimed_at = NULL, released_at = ? "
+                        "WHERE job_id = ?",
+                        [(moment, job_id) for job_id in batch],
+                    )
+
+            try:
+                await self._run(write)
+            except Exception as exc:  # noqa: BLE001 - the claim lapses and the job goes again
+                log.warning("ledger.confirms_lost", jobs=len(batch), error=str(exc))
+            finally:
+                self._confirmed.difference_update(batch)
+
     async def release(self, lane: str, window: int) -> Claim:
         """Claim the next jobs of ``lane`` to publish, in fair order (``jobs/fairness.py``),
         so that at most ``window`` of this ledger's jobs wait at the broker, or with
@@ -215,14 +264,14 @@ class Ledger:
     async def get(self, job_id: str) -> JobRecord | None:
         def get(db: sqlite_utils.Database) -> JobRecord | None:
             rows = list(db.table("jobs").rows_where("job_id = ?", [job_id]))
-            return _record(rows[0]) if rows else None
+            return _record(rows[0], self._confirmed) if rows else None
 
         return await self._run(get)
 
     async def get_by_key(self, idempotency_key: str) -> JobRecord | None:
         def get(db: sqlite_utils.Database) -> JobRecord | None:
             rows = list(db.table("jobs").rows_where("idempotency_key = ?", [idempotency_key]))
-            return _record(rows[0]) if rows else None
+            return _record(rows[0], self._confirmed) if rows else None
 
         return await self._run(get)
 
@@ -232,6 +281,7 @@ class Ledger:
             lambda db: [
                 _record(row)
                 for row in db.table("jobs").rows_where("published = 0", order_by="created_at")
+                if row["job_id"] not in self._confirmed
             ]
         )
 
@@ -314,7 +364,7 @@ class Ledger:
             # queue), until the bound sends it to the lane's queue.
             model = row["model"] if self.per_model and row["model"] is not None else None
             same = "" if model is None else " AND model = ?"
-            if row["published"]:
+            if row["published"] or job_id in self._confirmed:
                 ahead = db.execute(
                     "SELECT COUNT(*) FROM jobs WHERE status = ? AND lane = ? AND published = 1 "
                     f"AND COALESCE(released_at, created_at) < ?{same}",
@@ -595,13 +645,16 @@ def _row(db: sqlite_utils.Database, job_id: str) -> dict[str, Any]:
     return dict(zip(names, cursor.fetchone(), strict=True))
 
 
-def _record(row: dict[str, Any]) -> JobRecord:
+def _record(row: dict[str, Any], confirmed: Container[str] = ()) -> JobRecord:
+    """A row as a record; ``confirmed``: jobs to take as published (``Ledger.confirmed``;
+    read inside the same call as the row, under the file's lock, so a write that lands
+    between the two cannot make a published job look unpublished)."""
     terminal = parse_event(row["terminal_json"].encode()) if row["terminal_json"] else None
     assert terminal is None or isinstance(terminal, Succeeded | Failed)
     return JobRecord(
         job=Job.model_validate_json(row["job_json"]),
         status=JobStatus(row["status"]),
-        published=bool(row["published"]),
+        published=bool(row["published"]) or row["job_id"] in confirmed,
         attempt=row["attempt"],
         worker_id=row["worker_id"],
         terminal=terminal,
