@@ -20,7 +20,11 @@ How it runs (the decision itself is ``jobs/affinity.py``):
   (rules 3 and 4), or stays idle (rule 5). Switching moves its consumer; the load itself
   happens when the job renders. A switch to a model nobody has loaded first takes that
   model's claim at the broker (an exclusive queue, ``Topology.model_claim``), so two
-  renderers that look at the same moment do not both load it.
+  renderers that look at the same moment do not both load it. A renderer that has a
+  model resident first waits, idle, as long as a load takes (its measured
+  ``model_load_seconds``) for that model's next job before it pays for a load: when jobs
+  trickle in, the next job of its model often comes within that, and waiting at most
+  doubles what the load would have cost (the ski-rental argument).
 
 Nothing here is a single point of failure: a renderer that dies takes its consumer
 with it, its unacked job returns to the model's queue, and the bound moves anything
@@ -32,7 +36,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import suppress
 
 import structlog
@@ -67,6 +72,7 @@ class ModelAffinity:
         idle: Callable[[], bool],
         poll_seconds: float,
         prefetch: int,
+        load_seconds: Callable[[], Mapping[str, float]] = dict,
     ) -> None:
         self._bus = bus
         self._lanes = tuple(lanes)
@@ -75,6 +81,8 @@ class ModelAffinity:
         self._idle = idle
         self._poll = poll_seconds
         self._prefetch = prefetch
+        self._load_seconds = load_seconds
+        self._idle_since: float | None = None
         self._bound = bus.topology.affinity_wait_ms / 1000
         self._subscriptions: dict[str, Subscription] = {}
         self._lock = asyncio.Lock()
@@ -136,13 +144,17 @@ class ModelAffinity:
         while True:
             await asyncio.sleep(self._poll * _JITTER.uniform(0.5, 1.5))
             if not self._idle():
+                self._idle_since = None
                 continue
+            now = time.monotonic()
+            if self._idle_since is None:
+                self._idle_since = now
             try:
-                await self.decide()
+                await self.decide(idle_for=now - self._idle_since)
             except JobsError as exc:
                 log.warning("affinity.poll_failed", error=str(exc))
 
-    async def decide(self) -> str | None:
+    async def decide(self, idle_for: float = float("inf")) -> str | None:
         """Look at the model queues and switch if :func:`jobs.affinity.choose_model` says
         so; the model switched to, or None. A switch to a model no renderer has loaded
         takes the model's claim first: of two idle renderers that chose it at once, one
@@ -159,12 +171,22 @@ class ModelAffinity:
             if model is None or model == self.resident:
                 return None
             cold = not elsewhere.get(model)
+            if cold and self.resident is not None and idle_for < self._linger(model):
+                return None  # the resident model's next job may still come
             if cold and not await self._bus.claim_model(model):
                 elsewhere[model] = 1
                 continue
             await self._switch(model, claimed=cold)
             return model
         return None
+
+    def _linger(self, model: str) -> float:
+        """How long to wait, idle, for the resident model's next job before loading
+        ``model``: its measured load time (or the mean of those measured)."""
+        measured = self._load_seconds()
+        if model in measured:
+            return measured[model]
+        return sum(measured.values()) / len(measured) if measured else 0.0
 
     async def _survey(self) -> tuple[dict[str, int], dict[str, int]]:
         """Jobs waiting per model, and how many other renderers have each resident (the

@@ -349,6 +349,9 @@ class Worker:
                 idle=lambda: self._lanes.free > 0 and self._lanes.waiting == 0,
                 poll_seconds=self._settings.affinity_poll_seconds,
                 prefetch=self.prefetch,
+                load_seconds=lambda: _load_seconds(
+                    self._renderer.backend.describe().get("model_load_seconds")
+                ),
             )
             await self.affinity.start()
         self._beating = asyncio.create_task(self._heartbeats(), name=f"heartbeats:{self.worker_id}")
