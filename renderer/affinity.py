@@ -93,8 +93,6 @@ class ModelAffinity:
         self.resident: str | None = None
         #: Running average of this renderer's render times, for rule 4.
         self.render_seconds = DEFAULT_RENDER_SECONDS
-        #: Models this renderer switched to (tests and logs read it).
-        self.switches = 0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._watch(), name="model-affinity")
@@ -134,7 +132,6 @@ class ModelAffinity:
             self._claimed = model if claimed else None
             log.info("affinity.switch", model=model, previous=self.resident)
             self.resident = model
-            self.switches += 1
             for lane in self._lanes:
                 self._subscriptions[lane] = await self._bus.consume_model(
                     lane, model, functools.partial(self._handler, lane), prefetch=self._prefetch

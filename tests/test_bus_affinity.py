@@ -4,21 +4,10 @@ on both brokers."""
 from __future__ import annotations
 
 from jobs.bus import JobBus
-from jobs.models import Job, Origin
 from tests.fixtures.brokers import BrokerFactory
+from tests.fixtures.jobs import job
 
 MODEL = "v1-5-pruned-emaonly.safetensors"
-
-
-def job(n: int, model: str | None) -> Job:
-    return Job(
-        workflow="sd15-txt2img",
-        lane="fast",
-        params={"prompt": f"job {n}"},
-        origin=Origin(frontend="cli", reply_to="front"),
-        idempotency_key=f"job-{n}",
-        model=model,
-    )
 
 
 async def test_jobs_for_a_model_some_renderer_can_load_wait_in_its_queue(

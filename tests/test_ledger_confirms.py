@@ -6,17 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jobs.ledger import Ledger
-from jobs.models import Job, Origin
-
-
-def job(n: int) -> Job:
-    return Job(
-        workflow="demo",
-        lane="fast",
-        params={"prompt": f"job {n}"},
-        origin=Origin(frontend="cli", reply_to="front"),
-        idempotency_key=f"job-{n}",
-    )
+from tests.fixtures.jobs import job
 
 
 async def test_a_confirmed_job_reads_as_published_before_and_after_its_write(

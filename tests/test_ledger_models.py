@@ -9,9 +9,15 @@ from pathlib import Path
 import pytest
 
 from jobs.ledger import Ledger
-from jobs.models import Job, Origin
+from jobs.models import Job
+from tests.fixtures.jobs import job as make_job
 
 A, B = "a_sd15.safetensors", "b_sd15.safetensors"
+
+
+def job(n: int, model: str | None) -> Job:
+    """Job ``n``, from one of three users of one guild (the fair order takes turns)."""
+    return make_job(n, model, user=f"u{n % 3}")
 
 
 @pytest.fixture
@@ -20,17 +26,6 @@ async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
     await ledger.open()
     yield ledger
     await ledger.close()
-
-
-def job(n: int, model: str | None) -> Job:
-    return Job(
-        workflow="sd15-txt2img",
-        lane="fast",
-        params={"prompt": f"job {n}"},
-        origin=Origin(frontend="cli", reply_to="front", tenant="g", user=f"u{n % 3}"),
-        idempotency_key=f"job-{n}",
-        model=model,
-    )
 
 
 async def admit(ledger: Ledger, jobs: list[Job], window: int) -> list[str]:

@@ -7,22 +7,12 @@ import asyncio
 
 from jobs.broker import Delivery
 from jobs.bus import JobBus
-from jobs.models import Job, Origin
+from jobs.models import Job
 from renderer.affinity import ModelAffinity
 from tests.fixtures.brokers import BrokerFactory
+from tests.fixtures.jobs import job
 
 A, B = "a_sd15.safetensors", "b_sd15.safetensors"
-
-
-def job(n: int, model: str) -> Job:
-    return Job(
-        workflow="sd15-txt2img",
-        lane="fast",
-        params={"prompt": f"job {n}"},
-        origin=Origin(frontend="cli", reply_to="front"),
-        idempotency_key=f"job-{n}",
-        model=model,
-    )
 
 
 async def test_an_idle_renderer_waits_a_load_time_for_its_model_before_switching(
