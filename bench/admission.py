@@ -10,6 +10,13 @@ plain aio-pika (the floor nothing can beat), then admits ``--jobs`` requests thr
 with a confirm; the "published" mark is written in the background). Rounds alternate, so
 both see the same machine; it prints the median rate of each and their ratio. Queues are
 deleted afterwards.
+
+Between rounds (untimed) the queue is purged and the round's jobs are recorded as taken
+by a renderer (an ``accepted`` event each, through ``Ledger.apply``), as in a frontend
+whose renderers keep up: there the jobs waiting at the broker are at most the fair
+window (about two per worker), and the window's count in each admission reads those
+only. Without it every round would admit behind all the earlier rounds' jobs, which no
+renderer ever takes here.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from bench.common import quiet_logs
 from jobs.admission import Admission
 from jobs.bus import JobBus
 from jobs.ledger import Ledger
-from jobs.models import JobRequest, Origin
+from jobs.models import Accepted, JobRequest, Origin
 from jobs.rabbitmq import RabbitBroker
 from jobs.settings import FairSettings
 from jobs.topology import build_topology
@@ -53,16 +60,30 @@ async def raw_rate(jobs: int, exchange: str, body: bytes) -> float:
         return jobs / (time.perf_counter() - began)
 
 
-async def admission_rate(admission: Admission, jobs: int) -> float:
+async def admission_rate(admission: Admission, jobs: int) -> tuple[float, list[str]]:
+    """Jobs admitted per second, and their ids."""
     origin = Origin(frontend="api", reply_to="bench")
+    admitted: list[str] = []
     began = time.perf_counter()
     for n in range(jobs):
-        await admission.submit(
+        result = await admission.submit(
             JobRequest(workflow="sd15-txt2img", prompt=f"a lighthouse at dusk #{n}", seed=n),
             idempotency_key=str(uuid.uuid4()),
             origin=origin,
         )
-    return jobs / (time.perf_counter() - began)
+        admitted.append(result.job.job_id)
+    return jobs / (time.perf_counter() - began), admitted
+
+
+async def taken(ledger: Ledger, queue: str, job_ids: list[str]) -> None:
+    """What renderers would have done with a round's jobs: taken them off the queue (and
+    the raw round's messages with them) and said so (untimed)."""
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        await (await channel.get_queue(queue, ensure=False)).purge()
+    for job_id in job_ids:
+        await ledger.apply(Accepted(job_id=job_id, attempt=1, worker_id="bench", seq=0))
 
 
 async def main(jobs: int, rounds: int) -> None:
@@ -88,7 +109,9 @@ async def main(jobs: int, rounds: int) -> None:
         try:
             for _ in range(rounds):
                 raw.append(await raw_rate(jobs, topology.jobs_exchange, sample.to_wire()))
-                admitted.append(await admission_rate(admission, jobs))
+                rate, job_ids = await admission_rate(admission, jobs)
+                admitted.append(rate)
+                await taken(ledger, topology.lane_queue("fast"), job_ids)
         finally:
             await ledger.close()
             connection = await aio_pika.connect(URL)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Container
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -42,6 +43,10 @@ log = structlog.get_logger(__name__)
 
 #: How long a release's claim on a job holds before another release may take it.
 CLAIM_SECONDS = 60
+
+#: How long a broker's confirm waits to be written with the ones after it
+#: (:meth:`Ledger.confirmed`): admissions in a row then share one write.
+CONFIRM_BATCH_SECONDS = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +84,11 @@ class Ledger:
         #: Jobs the broker confirmed whose "published" is not written yet (:meth:`confirmed`):
         #: reads count them as published.
         self._confirmed: set[str] = set()
-        self._unwritten: list[str] = []
+        #: (job id, when confirmed): its released_at, which orders queue positions.
+        self._unwritten: list[tuple[str, str]] = []
         self._marking: asyncio.Task[None] | None = None
+        #: Set by :meth:`flush`: write what is confirmed now, without waiting for more.
+        self._hurry = asyncio.Event()
 
     async def open(self) -> None:
         await self._file.open()
@@ -187,33 +195,36 @@ class Ledger:
 
     def confirmed(self, job_id: str) -> None:
         """The broker confirmed ``job_id``: it is published. Written in the background,
-        batched with other confirms, so an admission does not wait for a second
-        transaction; until then the ledger's reads count it as published. A crash before
-        the write leaves the job claimed: it is released (published) again once its claim
-        lapses, which is harmless (the renderer is idempotent by job id)."""
+        batched with the confirms of the next ``CONFIRM_BATCH_SECONDS``, so an admission
+        neither waits for a second transaction nor finds the file locked by one; until
+        then the ledger's reads count it as published. A crash before the write leaves
+        the job claimed: it is released (published) again once its claim lapses, which
+        is harmless (the renderer is idempotent by job id)."""
         self._confirmed.add(job_id)
-        self._unwritten.append(job_id)
+        self._unwritten.append((job_id, utcnow().isoformat()))
         if self._marking is None or self._marking.done():
             self._marking = asyncio.create_task(self._write_confirmed(), name="ledger-confirms")
 
     async def flush(self) -> None:
-        """Wait until every confirm so far is written."""
+        """Write every confirm so far, now, and wait until it is written."""
+        self._hurry.set()
         while self._marking is not None and not self._marking.done():
             await asyncio.shield(self._marking)
+        self._hurry.clear()
 
     async def _write_confirmed(self) -> None:
         while self._unwritten:
+            with suppress(TimeoutError):
+                async with asyncio.timeout(CONFIRM_BATCH_SECONDS):
+                    await self._hurry.wait()
             batch, self._unwritten = self._unwritten, []
-            moment = utcnow().isoformat()
 
-            def write(
-                db: sqlite_utils.Database, batch: list[str] = batch, moment: str = moment
-            ) -> None:
+            def write(db: sqlite_utils.Database, batch: list[tuple[str, str]] = batch) -> None:
                 with immediate(db):
                     db.conn.executemany(
                         "UPDATE jobs SET published = 1, claimed_at = NULL, released_at = ? "
                         "WHERE job_id = ?",
-                        [(moment, job_id) for job_id in batch],
+                        [(moment, job_id) for job_id, moment in batch],
                     )
 
             try:
@@ -221,7 +232,7 @@ class Ledger:
             except Exception as exc:  # noqa: BLE001 - the claim lapses and the job goes again
                 log.warning("ledger.confirms_lost", jobs=len(batch), error=str(exc))
             finally:
-                self._confirmed.difference_update(batch)
+                self._confirmed.difference_update(job_id for job_id, _ in batch)
 
     async def release(self, lane: str, window: int) -> Claim:
         """Claim the next jobs of ``lane`` to publish, in fair order (``jobs/fairness.py``),
@@ -354,6 +365,9 @@ class Ledger:
         None when it is not queued: a released job counts the ones released before it;
         a held one counts every released job and the held ones the fair order puts
         before it."""
+        # Released jobs are counted in the order their "published" marks were written:
+        # write the confirms still waiting first.
+        await self.flush()
 
         def position(db: sqlite_utils.Database) -> int | None:
             rows = list(db.table("jobs").rows_where("job_id = ?", [job_id]))
@@ -516,8 +530,15 @@ def _create_tables(db: sqlite_utils.Database) -> None:
         if column not in jobs.columns_dict:
             jobs.add_column(column, kind)
     indexes = {index.name for index in jobs.indexes}
-    if "idx_jobs_fair" not in indexes:
-        jobs.create_index(["lane", "status", "published"], index_name="idx_jobs_fair")
+    if "idx_jobs_window" not in indexes:
+        # Covers the window's counts (_waiting_at_broker, _waiting_by_model): no row is
+        # read to count the jobs waiting at the broker. It replaces idx_jobs_fair, its
+        # prefix.
+        jobs.create_index(
+            ["lane", "status", "published", "claimed_at", "model"], index_name="idx_jobs_window"
+        )
+    if "idx_jobs_fair" in indexes:
+        db.execute("DROP INDEX idx_jobs_fair")
     if "fair_tags" not in db.table_names():
         # The last tags released per lane, tenant and user: the fair order's memory, one
         # small row per user (jobs/fairness.py).
@@ -525,6 +546,9 @@ def _create_tables(db: sqlite_utils.Database) -> None:
             {"lane": str, "tenant": str, "user": str, "tenant_tag": int, "user_tag": int},
             pk=("lane", "tenant", "user"),
         )
+    if "idx_fair_tags_clock" not in {index.name for index in db.table("fair_tags").indexes}:
+        # The lane's clock (its largest tenant tag) without reading every user's row.
+        db.table("fair_tags").create_index(["lane", "tenant_tag"], index_name="idx_fair_tags_clock")
     quotas.create_tables(db)
 
 
@@ -600,6 +624,10 @@ def _waiting_by_model(
     return {model: int(count) for model, count in rows}
 
 
+#: Up to this many tenants, the fair state reads their tags only; more, the lane's.
+_TENANTS_PER_READ = 200
+
+
 def _fair_state(
     db: sqlite_utils.Database, lane: str, stale: str | None = None
 ) -> tuple[list[Waiting], Tags]:
@@ -616,18 +644,32 @@ def _fair_state(
     ]
     if not waiting:
         return waiting, Tags(0, {}, {}, {})
+    # The order needs the lane's clock and the tags of the tenants that have jobs
+    # waiting, not every user the lane has served: read those tenants' rows only.
+    tenants = sorted({job.tenant for job in waiting})
+    rows = (
+        db.execute(
+            "SELECT tenant, user, tenant_tag, user_tag FROM fair_tags WHERE lane = ? "
+            f"AND tenant IN ({', '.join('?' for _ in tenants)})",
+            [lane, *tenants],
+        )
+        if len(tenants) <= _TENANTS_PER_READ
+        else db.execute(
+            "SELECT tenant, user, tenant_tag, user_tag FROM fair_tags WHERE lane = ?", [lane]
+        )
+    )
     tenant_last: dict[str, int] = {}
     tenant_clock: dict[str, int] = {}
     user_last: dict[tuple[str, str], int] = {}
-    for tenant, user, last_tenant_tag, last_user_tag in db.execute(
-        "SELECT tenant, user, tenant_tag, user_tag FROM fair_tags WHERE lane = ?", [lane]
-    ).fetchall():
+    for tenant, user, last_tenant_tag, last_user_tag in rows.fetchall():
         key = (str(tenant), str(user))
         user_last[key] = int(last_user_tag)
         tenant_last[key[0]] = max(tenant_last.get(key[0], 0), int(last_tenant_tag))
         tenant_clock[key[0]] = max(tenant_clock.get(key[0], 0), int(last_user_tag))
-    lane_clock = max(tenant_last.values(), default=0)
-    return waiting, Tags(lane_clock, tenant_last, tenant_clock, user_last)
+    (lane_clock,) = db.execute(
+        "SELECT COALESCE(MAX(tenant_tag), 0) FROM fair_tags WHERE lane = ?", [lane]
+    ).fetchone()
+    return waiting, Tags(int(lane_clock), tenant_last, tenant_clock, user_last)
 
 
 def _history(

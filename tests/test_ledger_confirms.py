@@ -3,9 +3,10 @@ and the write lands in the background (batched), at the latest when the ledger c
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
-from jobs.ledger import Ledger
+from jobs.ledger import CONFIRM_BATCH_SECONDS, Ledger
 from tests.fixtures.jobs import job
 
 
@@ -63,5 +64,36 @@ async def test_a_job_confirmed_and_never_written_is_published_again(tmp_path: Pa
         record = await ledger.get(admitted.job_id)
         assert record is not None and not record.published
         assert [r.job.job_id for r in await ledger.unpublished()] == [admitted.job_id]
+    finally:
+        await ledger.close()
+
+
+async def test_confirms_in_a_row_share_one_write_and_keep_their_order(tmp_path: Path) -> None:
+    """Admissions in a row do not each pay a second transaction: confirms that come
+    within ``CONFIRM_BATCH_SECONDS`` are written together, each with the moment it was
+    confirmed, so queue positions still follow the order jobs were released in."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    await ledger.open()
+    statements: list[str] = []
+    ledger._file._db.conn.set_trace_callback(statements.append)  # type: ignore[union-attr]
+
+    def marking_transactions() -> int:
+        """Transactions that wrote "published" marks."""
+        count, marking = 0, False
+        for sql in statements:
+            marking = marking or sql.startswith("UPDATE jobs SET published")
+            if sql == "COMMIT":
+                count, marking = count + marking, False
+        return count
+
+    try:
+        jobs = [job(n) for n in range(6)]
+        for each in jobs:
+            await ledger.admit(each, window=10)
+            ledger.confirmed(each.job_id)
+        await asyncio.sleep(CONFIRM_BATCH_SECONDS * 4)  # the batch's own timer, no flush
+        assert 1 <= marking_transactions() < len(jobs), statements
+        assert await ledger.unpublished() == []
+        assert [await ledger.position(each.job_id) for each in jobs] == [1, 2, 3, 4, 5, 6]
     finally:
         await ledger.close()
