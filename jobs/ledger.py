@@ -17,6 +17,7 @@ from collections.abc import Container
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,6 +60,16 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class _Admit:
+    """An admission waiting for its transaction (:meth:`Ledger.admit`)."""
+
+    job: Job
+    quota: quotas.QuotaSettings | None
+    window: int | None
+    done: asyncio.Future[tuple[JobRecord, bool, Claim]]
+
+
+@dataclass(frozen=True, slots=True)
 class JobRecord:
     """A job as the ledger knows it."""
 
@@ -89,11 +100,18 @@ class Ledger:
         self._marking: asyncio.Task[None] | None = None
         #: Set by :meth:`flush`: write what is confirmed now, without waiting for more.
         self._hurry = asyncio.Event()
+        #: Admissions waiting for the next transaction (:meth:`admit`), and its writer.
+        self._admits: list[_Admit] = []
+        self._admitting: asyncio.Task[None] | None = None
+        #: An admission transaction is under way (a caller's own, or the writer's).
+        self._writing = False
 
     async def open(self) -> None:
         await self._file.open()
 
     async def close(self) -> None:
+        while self._admitting is not None and not self._admitting.done():
+            await asyncio.shield(self._admitting)
         await self.flush()
         await self._file.close()
 
@@ -111,54 +129,128 @@ class Ledger:
         in the same transaction, or :class:`~jobs.quotas.QuotaExceeded` is raised and
         nothing is written. With ``window``, the same transaction also claims what its
         lane may publish now (:meth:`release`), so an admission that has room costs no
-        transaction more than before fair release."""
-        nothing = Claim([], False)
+        transaction more than before fair release.
 
-        def insert(db: sqlite_utils.Database) -> tuple[JobRecord, bool, Claim]:
-            moment = utcnow()
-            now = moment.isoformat()
-            try:
-                with immediate(db):
-                    insert_row(
-                        db,
-                        "jobs",
-                        {
-                            "job_id": job.job_id,
-                            "idempotency_key": job.idempotency_key,
-                            "status": JobStatus.QUEUED.value,
-                            "published": 0,
-                            "workflow": job.workflow,
-                            "lane": job.lane,
-                            "prompt": job.prompt,
-                            "frontend": job.origin.frontend,
-                            "tenant": job.origin.tenant,
-                            "user": job.origin.user,
-                            "job_json": job.model_dump_json(),
-                            "model": job.model,
-                            "created_at": job.created_at.isoformat(),
-                            "updated_at": now,
-                        },
-                    )
-                    _history(db, job.job_id, JobStatus.QUEUED, now, None)
-                    if quota is not None:
-                        quotas.reserve(db, job, quota, moment)
-                    claim = (
-                        nothing
-                        if window is None
-                        else _claim(db, job.lane, window, moment, self.per_model, job)
-                    )
-            except sqlite3.IntegrityError:
-                rows = list(
-                    db.table("jobs").rows_where("idempotency_key = ?", [job.idempotency_key])
-                )
-                if not rows:
-                    raise
-                return _record(rows[0]), False, nothing
-            # The row as written, without reading it back (admission's hot path).
-            record = JobRecord(job, JobStatus.QUEUED, False, None, None, None, moment)
-            return record, True, claim
+        Admissions that arrive while one is being written share the next transaction
+        (group commit), each in a savepoint of its own: a burst of submits pays one
+        thread hop and one commit, and one admission's refusal (its quota, a repeated
+        key) leaves the others written. A caller cancelled before its admission is taken
+        into a transaction leaves nothing written."""
+        entry = _Admit(job, quota, window, asyncio.get_running_loop().create_future())
+        if self._writing:  # a transaction is under way: join the next one
+            self._admits.append(entry)
+            return await entry.done
+        # None is: write this one now, without handing it to the writer task.
+        self._writing = True
+        try:
+            (result,) = await self._run(partial(self._admit_all, batch=[entry]))
+        finally:
+            self._writing = False
+            if self._admits:  # they came while this one was written
+                self._admitting = asyncio.create_task(self._admit_batches(), name="ledger-admits")
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-        return await self._run(insert)
+    async def _admit_batches(self) -> None:
+        """Write the admissions waiting, a transaction per batch, until none is left."""
+        self._writing = True
+        try:
+            while self._admits:
+                batch = [entry for entry in self._admits if not entry.done.done()]
+                self._admits = []
+                if batch:
+                    await self._write_batch(batch)
+        finally:
+            self._writing = False
+
+    async def _write_batch(self, batch: list[_Admit]) -> None:
+        try:
+            results = await self._run(partial(self._admit_all, batch=batch))
+        except BaseException as exc:
+            for entry in batch:
+                if entry.done.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    entry.done.cancel()
+                else:
+                    entry.done.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for entry, result in zip(batch, results, strict=True):
+            if entry.done.done():  # its caller was cancelled meanwhile
+                continue
+            if isinstance(result, Exception):
+                entry.done.set_exception(result)
+            else:
+                entry.done.set_result(result)
+
+    def _admit_all(
+        self, db: sqlite_utils.Database, batch: list[_Admit]
+    ) -> list[tuple[JobRecord, bool, Claim] | Exception]:
+        """One transaction, a savepoint per admission: what each admission gets."""
+        results: list[tuple[JobRecord, bool, Claim] | Exception] = []
+        with immediate(db):
+            for entry in batch:
+                db.execute("SAVEPOINT admit")
+                try:
+                    result = self._insert(db, entry)
+                except Exception as exc:  # noqa: BLE001 - the admission's own answer
+                    db.execute("ROLLBACK TO admit")
+                    db.execute("RELEASE admit")
+                    results.append(self._refused(db, entry.job, exc))
+                else:
+                    db.execute("RELEASE admit")
+                    results.append(result)
+        return results
+
+    def _insert(self, db: sqlite_utils.Database, entry: _Admit) -> tuple[JobRecord, bool, Claim]:
+        job = entry.job
+        moment = utcnow()
+        now = moment.isoformat()
+        insert_row(
+            db,
+            "jobs",
+            {
+                "job_id": job.job_id,
+                "idempotency_key": job.idempotency_key,
+                "status": JobStatus.QUEUED.value,
+                "published": 0,
+                "workflow": job.workflow,
+                "lane": job.lane,
+                "prompt": job.prompt,
+                "frontend": job.origin.frontend,
+                "tenant": job.origin.tenant,
+                "user": job.origin.user,
+                "job_json": job.model_dump_json(),
+                "model": job.model,
+                "created_at": job.created_at.isoformat(),
+                "updated_at": now,
+            },
+        )
+        _history(db, job.job_id, JobStatus.QUEUED, now, None)
+        if entry.quota is not None:
+            quotas.reserve(db, job, entry.quota, moment)
+        claim = (
+            Claim([], False)
+            if entry.window is None
+            else _claim(db, job.lane, entry.window, moment, self.per_model, job)
+        )
+        # The row as written, without reading it back (admission's hot path).
+        return JobRecord(job, JobStatus.QUEUED, False, None, None, None, moment), True, claim
+
+    def _refused(
+        self, db: sqlite_utils.Database, job: Job, error: Exception
+    ) -> tuple[JobRecord, bool, Claim] | Exception:
+        """An admission rolled back: the job admitted before under its key, if that was
+        why, else the error for its caller."""
+        if not isinstance(error, sqlite3.IntegrityError):
+            return error
+        rows = list(db.table("jobs").rows_where("idempotency_key = ?", [job.idempotency_key]))
+        if not rows:
+            return error
+        return _record(rows[0], self._confirmed), False, Claim([], False)
 
     async def reopen(self, job: Job, detail: str) -> bool:
         """Put a failed job back to ``queued`` (unpublished) for an admin's retry, as

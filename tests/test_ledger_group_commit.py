@@ -1,0 +1,79 @@
+"""Group commit (``Ledger.admit``): admissions that arrive together share one transaction,
+each in a savepoint, so one's refusal leaves the others written."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from jobs.ledger import Ledger
+from jobs.models import Job
+from jobs.quotas import QuotaExceeded, QuotaSettings
+from tests.fixtures.jobs import job
+
+
+def _transactions(statements: list[str]) -> int:
+    return sum(1 for sql in statements if sql == "BEGIN IMMEDIATE")
+
+
+async def test_a_burst_shares_one_transaction_and_a_refusal_stays_its_own(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    await ledger.open()
+    statements: list[str] = []
+    ledger._file._db.conn.set_trace_callback(statements.append)  # type: ignore[union-attr]
+    one_at_a_time = QuotaSettings(concurrent_per_user=1)
+    try:
+        first = job(0, user="ann")
+        again = first.model_copy(update={"job_id": "another-id"})  # same idempotency key
+        over = job(1, user="ann")  # a second job in flight: over ann's limit
+        others = [job(n, user=f"user{n}") for n in range(2, 8)]
+        burst: list[Job] = [first, again, over, *others]
+        results = await asyncio.gather(
+            *(ledger.admit(each, one_at_a_time, window=100) for each in burst),
+            return_exceptions=True,
+        )
+
+        assert _transactions(statements) <= 2  # the first alone, the rest together at most
+        record, created, claim = results[0]  # type: ignore[misc]
+        assert created and [r.job.job_id for r in claim.records] == [first.job_id]
+        repeated, created_again, _ = results[1]  # type: ignore[misc]
+        assert not created_again and repeated.job.job_id == first.job_id
+        assert isinstance(results[2], QuotaExceeded)
+        assert results[2].limit == "concurrent_per_user"
+        for each, result in zip(others, results[3:], strict=True):
+            assert not isinstance(result, BaseException), result
+            assert result[1] and result[0].job.job_id == each.job_id
+        # What is in the file: every admitted job, nothing of the refused one.
+        assert await ledger.get(over.job_id) is None
+        assert await ledger.get("another-id") is None
+        for each in [first, *others]:
+            assert await ledger.get(each.job_id) is not None
+    finally:
+        await ledger.close()
+
+
+async def test_a_caller_cancelled_before_its_transaction_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    await ledger.open()
+    try:
+        leading = asyncio.create_task(ledger.admit(job(0), window=10))
+        await asyncio.sleep(0)  # its transaction is under way
+        follower = asyncio.create_task(ledger.admit(job(1), window=10))
+        await asyncio.sleep(0)  # waiting for the next transaction
+        follower.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await follower
+        await leading
+        await ledger.close()  # waits for the writer: the cancelled job was never taken
+
+        await ledger.open()
+        assert await ledger.get_by_key("job-0") is not None
+        assert await ledger.get_by_key("job-1") is None
+    finally:
+        await ledger.close()
