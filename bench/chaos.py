@@ -30,9 +30,10 @@ not terminal in the ledger). ``failed`` jobs are those returned more than the de
 limit times: the broker dead-letters them and the frontend's dead-letter notifier
 publishes their ``failed``. Each renderer runs with ``RENDERER_PREFETCH`` unset (2 on
 ComfyUI), so a kill returns the job it renders and the one it holds prefetched: both
-count a delivery. "Prompts left in ComfyUI's history" are renders a killed renderer
-submitted (its running and its prefetched prompt) that finished with nobody to collect
-them: GPU time a crash wastes.
+count a delivery. "Orphaned prompts" are those a killed renderer submitted (its running
+and its prefetched prompt) that no renderer collected, found in ComfyUI's history:
+rendered to the end for nobody, or stopped part way by the restarted renderer
+(``COMFYUI_ORPHAN_GRACE_SECONDS``), with the GPU time they took: what a crash wastes.
 """
 
 from __future__ import annotations
@@ -208,13 +209,38 @@ async def stream(
         await asyncio.sleep(args.job_interval)
 
 
-async def orphaned(urls: Sequence[str]) -> int:
-    """Prompts left in the emulators' history: rendered, never collected."""
-    left = 0
+@dataclass
+class Orphans:
+    """What killed renderers left in ComfyUI's history (a renderer deletes what it
+    collects): prompts rendered to the end for nobody, prompts stopped part way (a
+    restarted renderer interrupts its predecessor's prompt after a grace), and the GPU
+    seconds both took (from each entry's execution_start to its last message)."""
+
+    rendered: int = 0
+    stopped: int = 0
+    gpu_seconds: float = 0.0
+
+
+async def orphaned(urls: Sequence[str]) -> Orphans:
+    left = Orphans()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         for url in urls:
             async with http.get(f"{url}/history") as response:
-                left += len(await response.json())
+                history = await response.json()
+            for entry in history.values():
+                status = entry.get("status") or {}
+                if status.get("status_str") == "success":
+                    left.rendered += 1
+                else:
+                    left.stopped += 1
+                stamps = {
+                    event: data.get("timestamp", 0)
+                    for event, data in status.get("messages") or []
+                    if isinstance(data, dict)
+                }
+                moments = [stamp for stamp in stamps.values() if stamp]
+                if "execution_start" in stamps and moments:
+                    left.gpu_seconds += (max(moments) - stamps["execution_start"]) / 1000
     return left
 
 
@@ -288,7 +314,9 @@ async def bench(
     report(args, tally, ends, ledger_lost, left)
 
 
-def report(args: argparse.Namespace, tally: Tally, ends: Ends, ledger_lost: int, left: int) -> None:
+def report(
+    args: argparse.Namespace, tally: Tally, ends: Ends, ledger_lost: int, left: Orphans
+) -> None:
     jobs = tally.admitted
     ended = [job_id for job_id in jobs if job_id in ends.outcome]
     succeeded = sum(isinstance(ends.outcome[j], Succeeded) for j in ended)
@@ -320,7 +348,9 @@ def report(args: argparse.Namespace, tally: Tally, ends: Ends, ledger_lost: int,
         ("terminal events (raw)", f"{sum(ends.raw[j] for j in jobs)}"),
         ("extra terminal events (dropped by the tracker)", f"{extra_raw}"),
         ("terminal events seen twice by listeners", f"{twice}"),
-        ("prompts left in ComfyUI's history (orphaned)", f"{left}"),
+        ("orphaned prompts rendered to the end for nobody", f"{left.rendered}"),
+        ("orphaned prompts stopped part way", f"{left.stopped}"),
+        ("GPU time of orphaned prompts", f"{left.gpu_seconds:.1f} s"),
         ("first admission -> last kill", f"{tally.last_kill - tally.began:.1f} s"),
         ("last kill -> last job ended", f"{max(0.0, last_end - tally.last_kill):.1f} s"),
         ("first admission -> last job ended", f"{last_end - tally.began:.1f} s"),

@@ -106,6 +106,9 @@ class ComfyUISettings(BaseSettings):
     stall_seconds: float = Field(default=120.0, gt=0)
     #: Longest pause between two WebSocket reconnection attempts (backoff doubles to it).
     reconnect_max_seconds: float = Field(default=30.0, gt=0, le=600)
+    #: A restarted worker finds its predecessor's running prompt in ComfyUI: it waits
+    #: this long for that job to come back to it (and attaches), then interrupts it.
+    orphan_grace_seconds: float = Field(default=5.0, ge=0, le=3600)
     #: Previews ComfyUI draws, per prompt: ``auto`` (TAESD when installed, else
     #: latent2rgb), ``latent2rgb`` (cheap), ``taesd`` (better), ``none``.
     preview_method: Literal["auto", "latent2rgb", "taesd", "none"] = "auto"

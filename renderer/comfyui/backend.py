@@ -9,6 +9,14 @@ Out of memory: ``POST /free`` and one more try on this worker under the same pro
 (its failed history entry deleted first); a second OOM fails the job for good
 (:class:`~renderer.exceptions.OutOfMemoryExhausted`). Every other failure is classified
 by :mod:`renderer.comfyui.exceptions`.
+
+A predecessor's prompts: a worker keeps its ``client_id`` across restarts, so at its
+first start it finds, in ComfyUI's queue, what the process before it (killed, crashed)
+submitted and never collected. Those jobs went back to the broker when it died, and most
+go to another renderer. Its waiting prompts are deleted at once (nothing was rendered;
+a job that comes back here is simply submitted again); its running prompt is left
+``COMFYUI_ORPHAN_GRACE_SECONDS`` for its job to come back here, where the render
+attaches to it, and is then interrupted, so the GPU does not render for nobody.
 """
 
 from __future__ import annotations
@@ -97,6 +105,10 @@ class ComfyUIBackend:
         self._stats: dict[str, Any] = {}
         self._healthy = False
         self._monitor: asyncio.Task[None] | None = None
+        #: A predecessor's running prompts, left their grace to be adopted by a render.
+        self._orphans: set[str] = set()
+        self._took_over = False
+        self._orphan_timer: asyncio.Task[None] | None = None
 
     @property
     def client(self) -> ComfyUIClient:
@@ -129,6 +141,8 @@ class ComfyUIBackend:
                     raise ComfyUIUnavailable(str(exc)) from exc
             await self.client.connect()
             await self._refresh()
+            if not self._took_over:
+                await self._take_over()
         except BaseException:
             await self.close()
             raise
@@ -143,14 +157,45 @@ class ComfyUIBackend:
             version=_field(self._stats.get("system"), "comfyui_version"),
         )
 
+    async def _take_over(self) -> None:
+        """Clear what a predecessor with this ``client_id`` left queued (module docstring)."""
+        mine = (await self.client.queue()).of(self._client_id)
+        self._took_over = True
+        if mine.pending:
+            await self.client.delete_from_queue(mine.pending)
+            log.info("comfyui.orphans_deleted", prompts=list(mine.pending))
+        if mine.running:
+            self._orphans.update(mine.running)
+            log.info(
+                "comfyui.orphans_found",
+                prompts=list(mine.running),
+                grace_seconds=self._comfyui.orphan_grace_seconds,
+            )
+            self._orphan_timer = asyncio.create_task(self._stop_orphans(), name="comfyui-orphans")
+
+    async def _stop_orphans(self) -> None:
+        """After the grace, interrupt the predecessor's prompts no render adopted."""
+        await asyncio.sleep(self._comfyui.orphan_grace_seconds)
+        for prompt_id in sorted(self._orphans):
+            self._orphans.discard(prompt_id)
+            try:
+                place = await self.client.stop(prompt_id)
+            except BackendUnavailable as exc:
+                log.warning("comfyui.orphan_not_stopped", prompt_id=prompt_id, error=str(exc))
+                continue
+            if place is not None:
+                log.info("comfyui.orphan_stopped", prompt_id=prompt_id, place=place)
+
     async def close(self) -> None:
         """Stop the stats task and close the client. Safe to call twice."""
         monitor, client = self._monitor, self._client
         self._monitor, self._client = None, None
         self._healthy = False
-        if monitor is not None:
-            monitor.cancel()
-            await asyncio.gather(monitor, return_exceptions=True)
+        timer, self._orphan_timer = self._orphan_timer, None
+        for task in (monitor, timer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if client is not None:
             await client.close()
         if self._supervisor is not None:
@@ -196,6 +241,8 @@ class ComfyUIBackend:
         """
         await self.start()
         client = self.client
+        # A predecessor's prompt for this job: the run attaches to it (reuse), adopted.
+        self._orphans.discard(task.job_id)
 
         async def attempt(reuse: bool) -> RunResult:
             return await client.run(

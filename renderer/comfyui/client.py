@@ -96,6 +96,8 @@ class QueueState:
 
     running: tuple[str, ...]
     pending: tuple[str, ...]
+    #: Each listed prompt's ``client_id`` (None when it was queued without one).
+    clients: Mapping[str, str | None] = field(default_factory=dict)
 
     def place(self, prompt_id: str) -> Place | None:
         if prompt_id in self.running:
@@ -103,6 +105,14 @@ class QueueState:
         if prompt_id in self.pending:
             return "pending"
         return None
+
+    def of(self, client_id: str) -> QueueState:
+        """The prompts ``client_id`` queued."""
+        return QueueState(
+            tuple(p for p in self.running if self.clients.get(p) == client_id),
+            tuple(p for p in self.pending if self.clients.get(p) == client_id),
+            {p: c for p, c in self.clients.items() if c == client_id},
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,9 +387,11 @@ class ComfyUIClient:
         """``GET /queue``: which prompts run and which wait."""
         _, raw = await self._request("GET", "queue")
         answer = self._json_object(raw, "GET /queue")
+        running, pending = answer.get("queue_running"), answer.get("queue_pending")
         return QueueState(
-            running=_queue_ids(answer.get("queue_running")),
-            pending=_queue_ids(answer.get("queue_pending")),
+            running=_queue_ids(running),
+            pending=_queue_ids(pending),
+            clients={**_queue_clients(running), **_queue_clients(pending)},
         )
 
     async def delete_from_queue(self, prompt_ids: Iterable[str]) -> None:
@@ -1064,6 +1076,19 @@ def _queue_ids(items: object) -> tuple[str, ...]:
     if not isinstance(items, list):
         return ()
     return tuple(str(item[1]) for item in items if isinstance(item, list | tuple) and len(item) > 1)
+
+
+def _queue_clients(items: object) -> dict[str, str | None]:
+    """prompt id -> the ``client_id`` in its ``extra_data`` (a queue item's fourth field)."""
+    if not isinstance(items, list):
+        return {}
+    clients: dict[str, str | None] = {}
+    for item in items:
+        if isinstance(item, list | tuple) and len(item) > 1:
+            extra = item[3] if len(item) > 3 and isinstance(item[3], dict) else {}
+            client = extra.get("client_id")
+            clients[str(item[1])] = client if isinstance(client, str) else None
+    return clients
 
 
 def _int(value: object) -> int | None:
