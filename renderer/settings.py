@@ -107,8 +107,10 @@ class ComfyUISettings(BaseSettings):
     #: Longest pause between two WebSocket reconnection attempts (backoff doubles to it).
     reconnect_max_seconds: float = Field(default=30.0, gt=0, le=600)
     #: A restarted worker finds its predecessor's running prompt in ComfyUI: it waits
-    #: this long for that job to come back to it (and attaches), then interrupts it.
-    orphan_grace_seconds: float = Field(default=5.0, ge=0, le=3600)
+    #: this long for that job to come back to it (and attaches), then interrupts it. A
+    #: job still queued comes back within milliseconds of the worker's start; one that
+    #: went to another renderer never does, and this prompt then renders for nobody.
+    orphan_grace_seconds: float = Field(default=1.0, ge=0, le=3600)
     #: Previews ComfyUI draws, per prompt: ``auto`` (TAESD when installed, else
     #: latent2rgb), ``latent2rgb`` (cheap), ``taesd`` (better), ``none``.
     preview_method: Literal["auto", "latent2rgb", "taesd", "none"] = "auto"
