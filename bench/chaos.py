@@ -312,9 +312,13 @@ async def bench(
                 args.logs.mkdir(parents=True, exist_ok=True)
                 shutil.copy(service.log_path, args.logs / service.log_path.name)
         if args.logs is not None:
-            for log in folder.glob("emulator-*.log"):
-                shutil.copy(log, args.logs / log.name)
+            await asyncio.to_thread(copy_emulator_logs, folder, args.logs)
     report(args, tally, ends, ledger_lost, left)
+
+
+def copy_emulator_logs(folder: Path, logs: Path) -> None:
+    for log in folder.glob("emulator-*.log"):
+        shutil.copy(log, logs / log.name)
 
 
 def report(
@@ -378,7 +382,9 @@ def main() -> None:
     parser.add_argument("--delivery-limit", type=int, default=4, help="AMQP_DELIVERY_LIMIT")
     parser.add_argument("--finish-timeout", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=7, help="which renderer dies when")
-    parser.add_argument("--logs", type=Path, help="copy the renderers' and the emulators' logs into this folder")
+    parser.add_argument(
+        "--logs", type=Path, help="copy the renderers' and the emulators' logs into this folder"
+    )
     args = parser.parse_args()
     quiet_logs()
     weed = require_weed()

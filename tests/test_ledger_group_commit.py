@@ -38,7 +38,7 @@ async def test_a_burst_shares_one_transaction_and_a_refusal_stays_its_own(
         )
 
         assert _transactions(statements) <= 2  # the first alone, the rest together at most
-        record, created, claim = results[0]  # type: ignore[misc]
+        _, created, claim = results[0]  # type: ignore[misc]
         assert created and [r.job.job_id for r in claim.records] == [first.job_id]
         repeated, created_again, _ = results[1]  # type: ignore[misc]
         assert not created_again and repeated.job.job_id == first.job_id
