@@ -112,16 +112,8 @@ async def frontend(
     stack.push_async_callback(workers.stop)
     quota_defaults = QuotaDefaults().settings()
 
-    def models(lane: str) -> set[str]:  # model affinity (jobs/bus.py)
-        return {
-            file
-            for beat in workers.workers()
-            if lane in beat.lanes
-            for folder in AFFINITY_FOLDERS
-            for file in beat.available_models.get(folder, ())
-        }
-
-    bus.models = models
+    # Model affinity (jobs/bus.py): the files some renderer of a lane can load.
+    bus.models = lambda lane: workers.loadable(lane, AFFINITY_FOLDERS)
     admission = Admission(
         catalog,
         ledger,
@@ -129,7 +121,7 @@ async def frontend(
         backends=backends,
         quota_defaults=quota_defaults,
         fair=FairSettings(),
-        workers=lambda lane: sum(1 for beat in workers.workers() if lane in beat.lanes),
+        workers=workers.serving,
     )
     recovered = await admission.recover()
     if recovered:

@@ -6,6 +6,8 @@ again within one heartbeat interval.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Collection
 from datetime import timedelta
 
 import structlog
@@ -19,6 +21,9 @@ log = structlog.get_logger(__name__)
 
 #: A renderer silent for this many of its own intervals is taken for gone.
 MISSED_BEATS = 3
+#: What admission asks of the fleet on every job (how many renderers serve a lane, which
+#: model files they can load) is worked out at most this often, and on every new beat.
+SUMMARY_SECONDS = 1.0
 
 
 class WorkerRegistry:
@@ -27,6 +32,8 @@ class WorkerRegistry:
         self._frontend_id = frontend_id
         self._beats: dict[str, Heartbeat] = {}
         self._subscription: Subscription | None = None
+        #: (what, lane) -> (when worked out, the answer): see SUMMARY_SECONDS.
+        self._summaries: dict[tuple[str, str], tuple[float, object]] = {}
 
     async def start(self) -> None:
         self._subscription = await self._bus.consume_heartbeats(self._frontend_id, self._on_beat)
@@ -45,6 +52,7 @@ class WorkerRegistry:
             known = self._beats.get(beat.worker_id)
             if known is None or known.at <= beat.at:
                 self._beats[beat.worker_id] = beat
+                self._summaries.clear()
         await delivery.ack()
 
     def workers(self) -> list[Heartbeat]:
@@ -57,3 +65,36 @@ class WorkerRegistry:
             and now - beat.at <= timedelta(seconds=beat.interval * MISSED_BEATS)
         ]
         return sorted(alive, key=lambda beat: beat.worker_id)
+
+    def serving(self, lane: str) -> int:
+        """How many live renderers take ``lane``'s jobs."""
+        count = self._summary(
+            "serving", lane, lambda: sum(1 for beat in self.workers() if lane in beat.lanes)
+        )
+        assert isinstance(count, int)
+        return count
+
+    def loadable(self, lane: str, folders: Collection[str]) -> frozenset[str]:
+        """The model files (in ``folders``) some live renderer of ``lane`` can load."""
+        files = self._summary(
+            "loadable",
+            lane,
+            lambda: frozenset(
+                file
+                for beat in self.workers()
+                if lane in beat.lanes
+                for folder in folders
+                for file in beat.available_models.get(folder, ())
+            ),
+        )
+        assert isinstance(files, frozenset)
+        return files
+
+    def _summary(self, what: str, lane: str, work_out: Callable[[], object]) -> object:
+        now = time.monotonic()
+        known = self._summaries.get((what, lane))
+        if known is not None and now - known[0] < SUMMARY_SECONDS:
+            return known[1]
+        answer = work_out()
+        self._summaries[(what, lane)] = (now, answer)
+        return answer
