@@ -2,14 +2,15 @@
 
 Run from the repository root, with RabbitMQ at ``AMQP_URL`` (default: guest on loopback)::
 
-    .venv/bin/python -m bench.admission [--jobs 500] [--rounds 5]
+    .venv/bin/python -m bench.admission [--jobs 500] [--rounds 5] [--concurrency 1]
 
 Each round publishes ``--jobs`` messages one at a time with publisher confirms through
 plain aio-pika (the floor nothing can beat), then admits ``--jobs`` requests through
 ``Admission.submit`` (validate against the manifest, write the SQLite ledger row, publish
 with a confirm; the "published" mark is written in the background). Rounds alternate, so
 both see the same machine; it prints the median rate of each and their ratio. Queues are
-deleted afterwards.
+deleted afterwards. With ``--concurrency N`` both sides keep N publishes (or submits) in
+flight at once, as a frontend does when many users submit together.
 
 Between rounds (untimed) the queue is purged and the round's jobs are recorded as taken
 by a renderer (an ``accepted`` event each, through ``Ledger.apply``), as in a frontend

@@ -86,6 +86,21 @@ def test_chaos(amqp_url: str) -> None:
     assert figures["lost (not terminal in the ledger)"] == "0", out
     assert figures["terminal events seen twice by listeners"] == "0", out
     assert int(figures["jobs ended"]) == int(figures["jobs admitted"]) > 0, out
+    assert int(figures["orphaned prompts, rendered for nobody"]) >= 0, out
+    assert int(figures["orphaned prompts, stopped part way"]) >= 0, out
+    assert re.fullmatch(rf"{NUMBER} s", figures["GPU time of orphaned prompts"]), out
+
+
+def test_admission(amqp_url: str) -> None:
+    out = run_bench(
+        "bench.admission", amqp_url, *("--jobs", "20", "--rounds", "2", "--concurrency", "4")
+    )
+    raw = re.search(rf"^raw confirmed publish: median\s+{NUMBER} msg/s", out, re.MULTILINE)
+    admitted = re.search(rf"^admission\s+: median\s+{NUMBER} jobs/s", out, re.MULTILINE)
+    assert raw is not None and admitted is not None, out
+    assert float(raw.group(1)) > 0 and float(admitted.group(1)) > 0, out
+    rounds = re.search(r"^ratio per round\s+: median [\d.]+ \(rounds: ([\d., ]+)\)", out, re.M)
+    assert rounds is not None and len(rounds.group(1).split(", ")) == 2, out
 
 
 def test_affinity(amqp_url: str) -> None:
