@@ -105,15 +105,6 @@ async def backend_factory() -> AsyncIterator[BackendFactory]:
         await backend.close()
 
 
-@pytest.fixture
-async def other_client(comfyui: ComfyUIEmulator) -> AsyncIterator[ComfyUIClient]:
-    """Another renderer's client on the same ComfyUI (its prompts must stay untouched)."""
-    client = ComfyUIClient(comfyui.url, uuid.uuid4().hex, connect_timeout=2, request_timeout=5)
-    await client.connect()
-    yield client
-    await client.close()
-
-
 def png_size(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as image:
         assert image.format == "PNG"

@@ -44,15 +44,6 @@ async def predecessor(comfyui: ComfyUIEmulator, worker_id: str) -> AsyncIterator
     await client.close()
 
 
-@pytest.fixture
-async def stranger(comfyui: ComfyUIEmulator) -> AsyncIterator[ComfyUIClient]:
-    """Another renderer's client on the same ComfyUI."""
-    client = ComfyUIClient(comfyui.url, uuid.uuid4().hex, connect_timeout=2, request_timeout=5)
-    await client.connect()
-    yield client
-    await client.close()
-
-
 async def _restarted(url: str, worker_id: str, grace: float) -> ComfyUIBackend:
     backend = ComfyUIBackend(
         RendererSettings(worker_id=worker_id),
@@ -85,25 +76,25 @@ async def _left_behind(
 async def test_a_predecessors_prompts_are_deleted_and_interrupted_after_the_grace(
     comfyui: ComfyUIEmulator,
     predecessor: ComfyUIClient,
-    stranger: ComfyUIClient,
+    other_client: ComfyUIClient,
     worker_id: str,
 ) -> None:
-    running, waiting, theirs = await _left_behind(comfyui, predecessor, stranger)
+    running, waiting, theirs = await _left_behind(comfyui, predecessor, other_client)
 
     backend = await _restarted(comfyui.url, worker_id, grace=0.3)
     try:
-        queue = await stranger.queue()
+        queue = await other_client.queue()
         assert queue.place(waiting.job_id) is None  # deleted at start
         assert queue.place(running.job_id) == "running"  # its grace
         assert queue.place(theirs.job_id) == "pending"
         async with asyncio.timeout(5):
-            while (await stranger.queue()).place(running.job_id) is not None:
+            while (await other_client.queue()).place(running.job_id) is not None:
                 await asyncio.sleep(0.02)
         assert {"prompt_id": running.job_id} in comfyui.interrupts
         # Interrupted, not rendered to its end; the stranger's prompt runs next.
-        assert (await stranger.queue()).place(theirs.job_id) == "running"
+        assert (await other_client.queue()).place(theirs.job_id) == "running"
         assert running.job_id not in comfyui.executed or (
-            (await stranger.history(running.job_id) or {}).get("status", {}).get("status_str")
+            (await other_client.history(running.job_id) or {}).get("status", {}).get("status_str")
             == "error"
         )
         assert waiting.job_id not in comfyui.executed
@@ -114,10 +105,10 @@ async def test_a_predecessors_prompts_are_deleted_and_interrupted_after_the_grac
 async def test_a_job_that_comes_back_within_the_grace_attaches_to_its_prompt(
     comfyui: ComfyUIEmulator,
     predecessor: ComfyUIClient,
-    stranger: ComfyUIClient,
+    other_client: ComfyUIClient,
     worker_id: str,
 ) -> None:
-    running, waiting, _ = await _left_behind(comfyui, predecessor, stranger)
+    running, waiting, _ = await _left_behind(comfyui, predecessor, other_client)
 
     backend = await _restarted(comfyui.url, worker_id, grace=0.5)
     try:
@@ -138,14 +129,14 @@ async def test_a_job_that_comes_back_within_the_grace_attaches_to_its_prompt(
 
 
 async def test_a_first_start_with_nothing_left_behind_touches_nothing(
-    comfyui: ComfyUIEmulator, stranger: ComfyUIClient, worker_id: str
+    comfyui: ComfyUIEmulator, other_client: ComfyUIClient, worker_id: str
 ) -> None:
     theirs = task(steps=20)
-    await stranger.submit(theirs.graph, theirs.job_id)
+    await other_client.submit(theirs.graph, theirs.job_id)
     backend = await _restarted(comfyui.url, worker_id, grace=0.05)
     try:
         await asyncio.sleep(0.2)
-        assert (await stranger.queue()).place(theirs.job_id) is not None
+        assert (await other_client.queue()).place(theirs.job_id) is not None
         assert comfyui.interrupts == []
     finally:
         await backend.close()
