@@ -88,7 +88,7 @@ async def one_run(
                     await asyncio.sleep(1 / args.rate)
             await run.finish(len(chosen), timeout=600)
             ended = time.monotonic()
-            waits = sorted(run.waits("created_at").values())
+            waits = sorted((await run.waits("created_at")).values())
             failed = sum(1 for event in run.done.values() if event.type.value != "succeeded")
             if failed:
                 raise SystemExit(f"{failed} jobs failed")

@@ -488,7 +488,7 @@ class Ledger:
                 return _waiting_at_broker(db, row["lane"]) + len(order)
             models = {job.job_id: job.model for job in waiting}
             before = sum(1 for release in order if models[release.job_id] == model)
-            return _waiting_by_model(db, row["lane"], None).get(model, 0) + before
+            return _waiting_by_model(db, row["lane"]).get(model, 0) + before
 
         return await self._run(position)
 
@@ -695,16 +695,11 @@ def _claim(
 def _waiting_at_broker(db: sqlite_utils.Database, lane: str, stale: str | None = None) -> int:
     """This ledger's jobs of ``lane`` published (or claimed since ``stale``: being
     published now) and not yet taken by a renderer."""
-    claimed = "" if stale is None else " OR claimed_at >= ?"
-    row = db.execute(
-        f"SELECT COUNT(*) FROM jobs WHERE lane = ? AND status = ? AND (published = 1{claimed})",
-        [lane, JobStatus.QUEUED.value, *([] if stale is None else [stale])],
-    ).fetchone()
-    return int(row[0])
+    return sum(_waiting_by_model(db, lane, stale).values())
 
 
 def _waiting_by_model(
-    db: sqlite_utils.Database, lane: str, stale: str | None
+    db: sqlite_utils.Database, lane: str, stale: str | None = None
 ) -> dict[str | None, int]:
     """:func:`_waiting_at_broker`, per model."""
     claimed = "" if stale is None else " OR claimed_at >= ?"

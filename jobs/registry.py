@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 from datetime import timedelta
+from typing import TypeVar, cast
 
 import structlog
 from pydantic import ValidationError
@@ -18,6 +19,8 @@ from jobs.bus import JobBus
 from jobs.models import Heartbeat, WorkerState, utcnow
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 #: A renderer silent for this many of its own intervals is taken for gone.
 MISSED_BEATS = 3
@@ -68,15 +71,13 @@ class WorkerRegistry:
 
     def serving(self, lane: str) -> int:
         """How many live renderers take ``lane``'s jobs."""
-        count = self._summary(
+        return self._summary(
             "serving", lane, lambda: sum(1 for beat in self.workers() if lane in beat.lanes)
         )
-        assert isinstance(count, int)
-        return count
 
     def loadable(self, lane: str, folders: Collection[str]) -> frozenset[str]:
         """The model files (in ``folders``) some live renderer of ``lane`` can load."""
-        files = self._summary(
+        return self._summary(
             "loadable",
             lane,
             lambda: frozenset(
@@ -87,14 +88,12 @@ class WorkerRegistry:
                 for file in beat.available_models.get(folder, ())
             ),
         )
-        assert isinstance(files, frozenset)
-        return files
 
-    def _summary(self, what: str, lane: str, work_out: Callable[[], object]) -> object:
+    def _summary(self, what: str, lane: str, work_out: Callable[[], T]) -> T:
         now = time.monotonic()
         known = self._summaries.get((what, lane))
         if known is not None and now - known[0] < SUMMARY_SECONDS:
-            return known[1]
+            return cast(T, known[1])
         answer = work_out()
         self._summaries[(what, lane)] = (now, answer)
         return answer

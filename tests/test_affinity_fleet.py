@@ -98,7 +98,7 @@ async def test_affinity_loads_each_model_about_once_and_fifo_does_not(
             assert all(event.type.value == "succeeded" for event in run.done.values())
             loads[mode] = run.loads
             if mode == "affinity":
-                assert max(run.waits().values()) <= bound
+                assert max((await run.waits()).values()) <= bound
                 # Every renderer took part: affinity did not serialise the work.
                 assert all(emulator.executed for emulator in run.emulators)
 
@@ -140,5 +140,6 @@ async def test_a_job_for_a_cold_model_starts_within_the_bound_behind_a_backlog(
         assert started_after > 20, started_after
         # No later than the bound plus the render that was under way when it expired
         # (and a poll's slack on a busy machine).
-        assert run.waits()[cold] <= bound + 3.0, run.waits()[cold]
+        waited = (await run.waits())[cold]
+        assert waited <= bound + 3.0, waited
         assert run.emulators[0].loads.count(MODELS[1]) == 1
