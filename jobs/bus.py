@@ -6,16 +6,23 @@ which key, persistent or not, what may be dropped) is decided in one place.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Collection, Iterable
 
 import structlog
 
 from jobs.broker import Broker, Handler, QueueInfo, Subscription
 from jobs.exceptions import JobsError
-from jobs.models import Control, Event, Heartbeat, Job
+from jobs.models import Control, ControlAction, Event, Heartbeat, Job
 from jobs.topology import Topology
 
 log = structlog.get_logger(__name__)
+
+#: At most one wake per lane and model in this long (:meth:`JobBus.submit`): an idle
+#: renderer looks at the model queues at most every ``RENDERER_AFFINITY_POLL_SECONDS``
+#: anyway, and sees every job waiting when it does.
+WAKE_INTERVAL_SECONDS = 0.25
 
 
 class JobBus:
@@ -27,22 +34,49 @@ class JobBus:
         self.models: Callable[[str], Collection[str]] | None = None
         #: (lane, model) of the model queues this bus declared.
         self._declared: set[tuple[str, str]] = set()
+        #: (lane, model) -> when this bus last sent a wake for it, and the wakes in flight.
+        self._woken: dict[tuple[str, str], float] = {}
+        self._waking: set[asyncio.Task[None]] = set()
 
     @property
     def topology(self) -> Topology:
         return self.broker.topology
 
     async def submit(self, job: Job) -> None:
-        """Publish a job to its lane, persistent and confirmed. Raises on failure."""
+        """Publish a job to its lane, persistent and confirmed. Raises on failure.
+
+        A job that goes to a model's queue also wakes the idle renderers (a ``wake`` on
+        the control fanout, sent in the background, at most one per lane and model every
+        :data:`WAKE_INTERVAL_SECONDS`): they then look at the model queues at once rather
+        than at their next poll, which backs off while nothing waits."""
         self.topology.lane_queue(job.lane)  # an unknown lane is a bug upstream: fail loudly
+        key = await self.route(job)
         await self.broker.publish(
             self.topology.jobs_exchange,
-            await self.route(job),
+            key,
             job.to_wire(),
             persistent=True,
             mandatory=True,
             message_id=job.job_id,
         )
+        if key != job.lane and job.model is not None:
+            self._wake(job.lane, job.model)
+
+    def _wake(self, lane: str, model: str) -> None:
+        now = time.monotonic()
+        last = self._woken.get((lane, model))
+        if last is not None and now - last < WAKE_INTERVAL_SECONDS:
+            return
+        self._woken[(lane, model)] = now
+        task = asyncio.create_task(self._send_wake(lane, model), name=f"wake:{lane}:{model}")
+        self._waking.add(task)
+        task.add_done_callback(self._waking.discard)
+
+    async def _send_wake(self, lane: str, model: str) -> None:
+        try:
+            await self.control(Control(action=ControlAction.WAKE, lane=lane, model=model))
+        except JobsError as exc:  # a hint: renderers still poll
+            log.debug("wake.dropped", lane=lane, model=model, error=str(exc))
 
     async def route(self, job: Job) -> str:
         """The routing key of ``job``: its model's queue when affinity is on and some

@@ -260,6 +260,10 @@ def parse_event(body: bytes) -> Event:
 
 class ControlAction(str, Enum):
     CANCEL = "cancel"
+    #: Jobs were published to a model's queue (``lane``, ``model``): an idle renderer
+    #: that can load the model looks at the model queues now rather than at its next
+    #: poll (``renderer/affinity.py``). A hint: nothing depends on its arrival.
+    WAKE = "wake"
 
 
 class Control(_Wire):
@@ -269,6 +273,9 @@ class Control(_Wire):
     action: ControlAction
     job_id: StrictStr | None = None
     requested_by: StrictStr | None = None
+    #: A wake's lane and model file.
+    lane: StrictStr | None = None
+    model: StrictStr | None = None
     at: datetime = Field(default_factory=utcnow)
 
     def to_wire(self) -> bytes:

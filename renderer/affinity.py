@@ -14,7 +14,14 @@ How it runs (the decision itself is ``jobs/affinity.py``):
   (rule 2);
 * when the renderer has a free slot and nothing at hand, it looks at the other models'
   queues every ``RENDERER_AFFINITY_POLL_SECONDS`` (with jitter, so idle renderers do not
-  all decide at once): how many jobs wait for each model and how many renderers consume
+  all decide at once), and less often while nothing waits in any of them: the pause
+  doubles after each look that found every queue empty, up to
+  ``RENDERER_AFFINITY_IDLE_POLL_SECONDS``. A frontend that publishes to a model's queue
+  sends a ``wake`` on the control fanout (``JobBus.submit``), and a renderer that can
+  load that model looks at once (at most once per poll interval, however many wakes
+  come), so an idle fleet neither keeps the broker busy with its looks (a passive
+  declare per model and lane each) nor leaves a new job waiting for the next one. Each
+  look counts how many jobs wait for each model and how many renderers consume
   each (the broker's consumer count: exactly the renderers that have it resident, with
   no heartbeat lag). It switches to the model :func:`jobs.affinity.choose_model` names
   (rules 3 and 4), or stays idle (rule 5). Switching moves its consumer; the load itself
@@ -73,6 +80,7 @@ class ModelAffinity:
         poll_seconds: float,
         prefetch: int,
         load_seconds: Callable[[], Mapping[str, float]] = dict,
+        idle_poll_seconds: float | None = None,
     ) -> None:
         self._bus = bus
         self._lanes = tuple(lanes)
@@ -80,6 +88,16 @@ class ModelAffinity:
         self._models = models
         self._idle = idle
         self._poll = poll_seconds
+        #: The longest pause between two looks while nothing waits (no backoff: None).
+        self._idle_poll = max(poll_seconds, idle_poll_seconds or poll_seconds)
+        #: The pause before the next look, and what cuts it short (:meth:`wake`).
+        self._interval = poll_seconds
+        self._wakeup = asyncio.Event()
+        self._looked_at: float | None = None
+        #: Jobs the last look found waiting in the model queues, in all.
+        self.waiting = 0
+        #: Looks at the model queues so far.
+        self.looks = 0
         self._prefetch = prefetch
         self._load_seconds = load_seconds
         self._idle_since: float | None = None
@@ -137,11 +155,24 @@ class ModelAffinity:
                     lane, model, functools.partial(self._handler, lane), prefetch=self._prefetch
                 )
 
+    def wake(self) -> None:
+        """Jobs were published for a model this renderer can load: look now (or, when it
+        looked less than a poll interval ago, once that interval is over)."""
+        self._interval = self._poll
+        self._wakeup.set()
+
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(self._poll * _JITTER.uniform(0.5, 1.5))
+            with suppress(TimeoutError):
+                async with asyncio.timeout(self._interval * _JITTER.uniform(0.5, 1.5)):
+                    await self._wakeup.wait()
+            if self._wakeup.is_set() and self._looked_at is not None:
+                # Woken: at most one look per poll interval, however many wakes come.
+                await asyncio.sleep(self._poll - (time.monotonic() - self._looked_at))
+            self._wakeup.clear()
             if not self._idle():
                 self._idle_since = None
+                self._interval = self._poll
                 continue
             now = time.monotonic()
             if self._idle_since is None:
@@ -150,6 +181,11 @@ class ModelAffinity:
                 await self.decide(idle_for=now - self._idle_since)
             except JobsError as exc:
                 log.warning("affinity.poll_failed", error=str(exc))
+                continue
+            # Every queue it can take from was empty: look less often until a job comes.
+            self._interval = (
+                self._poll if self.waiting else min(self._interval * 2, self._idle_poll)
+            )
 
     async def decide(self, idle_for: float = float("inf")) -> str | None:
         """Look at the model queues and switch if :func:`jobs.affinity.choose_model` says
@@ -196,4 +232,7 @@ class ModelAffinity:
                 counts[model] = counts.get(model, 0) + info.messages
                 others = info.consumers - (1 if model == self.resident else 0)
                 elsewhere[model] = max(elsewhere.get(model, 0), others)
+        self._looked_at = time.monotonic()
+        self.looks += 1
+        self.waiting = sum(counts.values())
         return counts, elsewhere

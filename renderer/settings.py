@@ -52,6 +52,10 @@ class RendererSettings(BaseSettings):
     #: Model affinity (``AMQP_AFFINITY_WAIT_SECONDS``): how often an idle renderer looks
     #: at the other models' queues to decide whether to switch (jittered by half).
     affinity_poll_seconds: float = Field(default=0.5, gt=0, le=60)
+    #: The longest pause between two such looks while every model queue was empty: the
+    #: pause doubles from ``affinity_poll_seconds`` up to this, and a frontend's wake (a
+    #: job published to a model's queue) brings the next look forward.
+    affinity_idle_poll_seconds: float = Field(default=5.0, gt=0, le=600)
     #: Torch device for the demo backend: ``auto`` picks CUDA when present.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Demo backend only: least wall time per step, so its progress is visible to a person.

@@ -348,6 +348,7 @@ class Worker:
                 models=self._affine_models,
                 idle=lambda: self._lanes.free > 0 and self._lanes.waiting == 0,
                 poll_seconds=self._settings.affinity_poll_seconds,
+                idle_poll_seconds=self._settings.affinity_idle_poll_seconds,
                 prefetch=self.prefetch,
                 load_seconds=lambda: _load_seconds(
                     self._renderer.backend.describe().get("model_load_seconds")
@@ -430,7 +431,19 @@ class Worker:
                 if render is not None:
                     log.info("job.cancelling", job_id=message.job_id, by=message.requested_by)
                     render.cancel()
+            elif message.action is ControlAction.WAKE and self._woken_by(message):
+                assert self.affinity is not None
+                self.affinity.wake()
         await delivery.ack()
+
+    def _woken_by(self, message: Control) -> bool:
+        """A wake this renderer answers: affinity is on, and the lane and model are ones
+        it serves and can load."""
+        return (
+            self.affinity is not None
+            and message.lane in self._settings.lanes
+            and message.model in self._affine_models()
+        )
 
     def _remember_cancel(self, job_id: str) -> None:
         self._cancelled[job_id] = None

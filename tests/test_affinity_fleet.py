@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import renderer.affinity as affinity_module
 from jobs.broker import Broker
 from tests.fixtures.brokers import BrokerFactory
 from tests.fixtures.comfyui import ComfyUIFactory
@@ -48,6 +49,7 @@ async def started(
     renderers: int,
     wait_ms: int,
     step_seconds: float = 0.01,
+    idle_poll_seconds: float = 5.0,
 ) -> AsyncIterator[Fleet]:
     topology = brokers.topology(
         prefix, affinity_wait_ms=wait_ms, frontends=(FRONTEND,), models=MODELS
@@ -64,7 +66,9 @@ async def started(
         emulator.resident_models = 1
         emulators.append(emulator)
     store = await s3_store_factory()
-    async with fleet(connect, store, emulators, tmp_path / f"{prefix}.db") as run:
+    async with fleet(
+        connect, store, emulators, tmp_path / f"{prefix}.db", idle_poll_seconds=idle_poll_seconds
+    ) as run:
         yield run
 
 
@@ -143,3 +147,40 @@ async def test_a_job_for_a_cold_model_starts_within_the_bound_behind_a_backlog(
         waited = (await run.waits())[cold]
         assert waited <= bound + 3.0, waited
         assert run.emulators[0].loads.count(MODELS[1]) == 1
+
+
+async def test_an_idle_fleet_starts_a_job_for_a_cold_model_at_once(
+    brokers: BrokerFactory,
+    test_prefix: str,
+    tmp_path: Path,
+    s3_store_factory: S3StoreFactory,
+    comfyui_factory: ComfyUIFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Idle renderers look at the model queues less and less often while they are empty,
+    and the frontend's wake brings the look forward: a job for a model nobody has loaded
+    starts long before the next look would have come (or the bound)."""
+    # No jitter: with the fleet's 0.2 s poll the looks come at 0.2, 0.6, 1.4 and 3.0 s,
+    # and the next one 3.2 s after that.
+    monkeypatch.setattr(affinity_module._JITTER, "uniform", lambda low, high: 1.0)
+    async with started(
+        brokers,
+        test_prefix,
+        tmp_path,
+        s3_store_factory,
+        comfyui_factory,
+        renderers=2,
+        wait_ms=60_000,
+        idle_poll_seconds=60.0,
+    ) as run:
+        affinities = [worker.affinity for worker in run.workers]
+        async with asyncio.timeout(30):
+            while not all(affinity is not None and affinity.looks >= 4 for affinity in affinities):
+                await asyncio.sleep(0.02)
+
+        job = await run.submit(0, MODELS[3], user="u")
+        await run.finish(1)
+
+        waited = (await run.waits())[job]
+        assert waited < 2.0, waited  # without the wake: 3.2 s at least
+        assert sum(emulator.loads.count(MODELS[3]) for emulator in run.emulators) == 1

@@ -1,9 +1,15 @@
-"""Routing by model (``JobBus.route``) and the lane depth that counts the models' queues,
-on both brokers."""
+"""Routing by model (``JobBus.route``), the lane depth that counts the models' queues, and
+the wake a job for a model sends the renderers, on both brokers."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
+from jobs.broker import Delivery
 from jobs.bus import JobBus
+from jobs.models import Control, ControlAction
 from tests.fixtures.brokers import BrokerFactory
 from tests.fixtures.jobs import job
 
@@ -43,3 +49,42 @@ async def test_without_affinity_every_job_goes_to_its_lane(
 
     assert await broker.depth(topology.lane_queue("fast")) == 1
     assert await bus.depth("fast") == 1
+
+
+async def test_a_job_for_a_model_wakes_the_renderers_once_per_burst(
+    brokers: BrokerFactory, test_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topology = brokers.topology(test_prefix, affinity_wait_ms=60_000, models=(MODEL,))
+    broker = await brokers.connect(topology)
+    await broker.declare()
+    bus = JobBus(broker)
+    bus.models = lambda lane: {MODEL}
+    renderer = JobBus(await brokers.connect(topology, "renderer"))
+    heard: list[Control] = []
+
+    async def on_control(delivery: Delivery) -> None:
+        heard.append(Control.model_validate_json(delivery.body))
+        await delivery.ack()
+
+    await renderer.consume_control("w0", on_control)
+    # A long interval, so that the burst below certainly falls inside it.
+    monkeypatch.setattr("jobs.bus.WAKE_INTERVAL_SECONDS", 60.0)
+
+    for n in range(3):  # a burst for one model: one wake
+        await bus.submit(job(n, MODEL))
+    await bus.submit(job(3, None))  # to the lane's queue: every renderer takes those
+    await bus.submit(job(4, "nobody-has-this.safetensors"))  # to the lane's queue too
+    async with asyncio.timeout(10):
+        while not heard:
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # room for a wrong second wake to arrive
+
+    assert [(c.action, c.lane, c.model) for c in heard] == [(ControlAction.WAKE, "fast", MODEL)]
+
+    # Past the interval the next job for the model wakes them again.
+    monkeypatch.setattr("jobs.bus.WAKE_INTERVAL_SECONDS", 0.0)
+    await bus.submit(job(5, MODEL))
+    async with asyncio.timeout(10):
+        while len(heard) < 2:
+            await asyncio.sleep(0.02)
+    assert heard[1].action is ControlAction.WAKE and heard[1].model == MODEL

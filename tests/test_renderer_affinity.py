@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+import renderer.affinity as affinity_module
 from jobs.broker import Delivery
 from jobs.bus import JobBus
 from jobs.models import Job
@@ -64,3 +67,45 @@ async def test_an_idle_renderer_waits_a_load_time_for_its_model_before_switching
     finally:
         await first.stop()
         await second.stop()
+
+
+async def test_an_idle_renderer_looks_less_often_while_every_queue_is_empty(
+    brokers: BrokerFactory, test_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(affinity_module._JITTER, "uniform", lambda low, high: 1.0)
+    topology = brokers.topology(test_prefix, affinity_wait_ms=60_000, models=(A, B))
+    front = JobBus(await brokers.connect(topology, "front"))
+    await front.broker.declare()
+    front.models = lambda lane: {A, B}
+
+    async def hold(lane: str, delivery: Delivery) -> None:
+        pass
+
+    affinity = ModelAffinity(
+        JobBus(await brokers.connect(topology, "r0")),
+        ["fast"],
+        hold,
+        models=lambda: [A, B],
+        idle=lambda: True,
+        poll_seconds=0.05,
+        idle_poll_seconds=60,
+        prefetch=1,
+        load_seconds=lambda: {B: 100.0},  # B's job below is never worth a load
+    )
+    try:
+        await affinity.follow(A)
+        await affinity.start()
+        # Every queue empty: pauses of 0.05, 0.1, 0.2, 0.4, 0.8 s... A fixed poll would
+        # have looked about 24 times by now.
+        await asyncio.sleep(1.2)
+        assert 1 <= affinity.looks <= 5, affinity.looks
+
+        await front.submit(job(0, B))
+        affinity.wake()  # what the renderer does on the frontend's wake
+        before = affinity.looks
+        await asyncio.sleep(0.5)
+        # A job waits (for a model it lingers before loading): it looks every poll again.
+        assert affinity.looks - before >= 5, affinity.looks - before
+        assert affinity.waiting == 1 and affinity.resident == A
+    finally:
+        await affinity.stop()
