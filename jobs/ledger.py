@@ -702,13 +702,25 @@ def _waiting_by_model(
     db: sqlite_utils.Database, lane: str, stale: str | None = None
 ) -> dict[str | None, int]:
     """:func:`_waiting_at_broker`, per model."""
-    claimed = "" if stale is None else " OR claimed_at >= ?"
-    rows = db.execute(
-        "SELECT model, COUNT(*) FROM jobs WHERE lane = ? AND status = ? "
-        f"AND (published = 1{claimed}) GROUP BY model",
-        [lane, JobStatus.QUEUED.value, *([] if stale is None else [stale])],
-    ).fetchall()
+    rows = db.execute(*_waiting_query(lane, stale)).fetchall()
     return {model: int(count) for model, count in rows}
+
+
+def _waiting_query(lane: str, stale: str | None) -> tuple[str, list[str]]:
+    """:func:`_waiting_by_model`'s query and its parameters. It reads two ranges of
+    ``idx_jobs_window``, the published jobs and those claimed since ``stale``: with
+    "published = 1 OR claimed_at >= ?" SQLite would read every queued job of the lane,
+    the whole backlog that fair release holds, on every admission and release."""
+    queued = [lane, JobStatus.QUEUED.value]
+    source = "SELECT model FROM jobs WHERE lane = ? AND status = ? AND published = 1"
+    params = queued
+    if stale is not None:
+        source += (
+            " UNION ALL SELECT model FROM jobs "
+            "WHERE lane = ? AND status = ? AND published = 0 AND claimed_at >= ?"
+        )
+        params = [*queued, *queued, stale]
+    return f"SELECT model, COUNT(*) FROM ({source}) GROUP BY model", params
 
 
 #: Up to this many tenants, the fair state reads their tags only; more, the lane's.
