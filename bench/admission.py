@@ -10,7 +10,9 @@ plain aio-pika (the floor nothing can beat), then admits ``--jobs`` requests thr
 with a confirm; the "published" mark is written in the background). Rounds alternate, so
 both see the same machine; it prints the median rate of each and their ratio. Queues are
 deleted afterwards. With ``--concurrency N`` both sides keep N publishes (or submits) in
-flight at once, as a frontend does when many users submit together.
+flight at once, as a frontend does when many users submit together. It also prints the
+CPU time each side spends per job: in this whole process (the SQLite thread included)
+and on the event loop's thread alone.
 
 Between rounds (untimed) the queue is purged and the round's jobs are recorded as taken
 by a renderer (an ``accepted`` event each, through ``Ledger.apply``), as in a frontend
@@ -29,7 +31,8 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aio_pika
@@ -128,12 +131,18 @@ async def main(jobs: int, rounds: int, concurrency: int) -> None:
         )
         raw: list[float] = []
         admitted: list[float] = []
+        # CPU per job of this process (every thread) and of its event loop's thread alone.
+        raw_cpu: list[tuple[float, float]] = []
+        admitted_cpu: list[tuple[float, float]] = []
         try:
             for _ in range(rounds):
-                raw.append(
-                    await raw_rate(jobs, topology.jobs_exchange, sample.to_wire(), concurrency)
-                )
-                rate, job_ids = await admission_rate(admission, jobs, concurrency)
+                with cpu_per_job(raw_cpu, jobs):
+                    raw.append(
+                        await raw_rate(jobs, topology.jobs_exchange, sample.to_wire(), concurrency)
+                    )
+                with cpu_per_job(admitted_cpu, jobs):
+                    rate, job_ids = await admission_rate(admission, jobs, concurrency)
+                    await ledger.flush()  # the round's "published" marks are its work too
                 admitted.append(rate)
                 await taken(ledger, topology.lane_queue("fast"), job_ids)
         finally:
@@ -163,6 +172,18 @@ async def main(jobs: int, rounds: int, concurrency: int) -> None:
         f"ratio per round      : median {statistics.median(pairs):.2f} "
         f"(rounds: {', '.join(f'{p:.2f}' for p in pairs)})"
     )
+    for name, samples in (("raw", raw_cpu), ("admission", admitted_cpu)):
+        process = statistics.median(sample[0] for sample in samples) * 1000
+        loop = statistics.median(sample[1] for sample in samples) * 1000
+        print(f"CPU per job, {name:9s}: {process:.3f} ms in all, {loop:.3f} ms on the loop")
+
+
+@contextmanager
+def cpu_per_job(samples: list[tuple[float, float]], jobs: int) -> Iterator[None]:
+    """Append (process CPU, this thread's CPU) per job spent inside the block."""
+    process, thread = time.process_time(), time.thread_time()
+    yield
+    samples.append(((time.process_time() - process) / jobs, (time.thread_time() - thread) / jobs))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,27 @@ def test_admission(amqp_url: str) -> None:
     assert float(raw.group(1)) > 0 and float(admitted.group(1)) > 0, out
     rounds = re.search(r"^ratio per round\s+: median [\d.]+ \(rounds: ([\d., ]+)\)", out, re.M)
     assert rounds is not None and len(rounds.group(1).split(", ")) == 2, out
+    for side in ("raw", "admission"):
+        cpu = re.search(
+            rf"^CPU per job, {side}\s*: {NUMBER} ms in all, {NUMBER} ms on the loop$", out, re.M
+        )
+        assert cpu is not None and float(cpu.group(1)) >= float(cpu.group(2)) > 0, out
+
+
+def test_backlog(amqp_url: str) -> None:
+    out = run_bench("bench.backlog", amqp_url, *("--backlogs", "0,50", "--samples", "10"))
+    rows = re.findall(
+        rf"^(?:backlog\s+(\d+):|\s+) (admit|release)\s+median\s+{NUMBER} ms, p90\s+{NUMBER} ms$",
+        out,
+        re.MULTILINE,
+    )
+    assert [(backlog, step) for backlog, step, *_ in rows] == [
+        ("0", "admit"),
+        ("", "release"),
+        ("50", "admit"),
+        ("", "release"),
+    ], out
+    assert all(0 < float(median) <= float(p90) for *_, median, p90 in rows), out
 
 
 def test_affinity(amqp_url: str) -> None:

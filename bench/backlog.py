@@ -1,0 +1,102 @@
+"""The ledger's time per admission and per release while fair release holds a backlog.
+
+Run from the repository root::
+
+    .venv/bin/python -m bench.backlog [--backlogs 0,1000,10000] [--window 16] [--samples 300]
+
+For each backlog size a fresh ledger (an SQLite file in a temporary folder) holds that
+many jobs from 200 users of 10 tenants, and ``--window`` jobs are released and confirmed,
+so the window is full, as in a frontend whose users submit faster than its renderers
+take jobs. Then it times, in the ledger's thread (the hop from the event loop and back
+included):
+
+* **admit**: ``Ledger.admit`` of a new job with the window full (the job is held: the
+  insert, its history row, the quota-free path, and the window's count);
+* **release**: a renderer takes one published job (an ``accepted`` event, untimed), and
+  ``Ledger.release`` claims the next job in fair order (the window's count, the held
+  jobs and the tags read, the claim written; its publish is not part of this).
+
+It prints the median and p90 of each, per backlog size. No broker is involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from jobs.ledger import Ledger
+from jobs.models import Accepted, Job, Origin
+
+
+def _job(n: int) -> Job:
+    user = n % 200
+    return Job(
+        workflow="sd15-txt2img",
+        lane="fast",
+        params={"prompt": f"job {n}", "seed": n},
+        origin=Origin(frontend="api", reply_to="bench", tenant=f"t{user % 10}", user=f"u{user}"),
+        idempotency_key=f"job-{n}",
+    )
+
+
+def _quantiles(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p90 = ordered[int(len(ordered) * 0.9)]
+    return f"median {statistics.median(ordered) * 1000:7.3f} ms, p90 {p90 * 1000:7.3f} ms"
+
+
+async def measure(backlog: int, window: int, samples: int) -> tuple[list[float], list[float]]:
+    with tempfile.TemporaryDirectory() as folder:
+        ledger = Ledger(Path(folder) / "ledger.sqlite3")
+        await ledger.open()
+        try:
+            for n in range(backlog + window):
+                await ledger.admit(_job(n), window=0)
+            published = [
+                record.job.job_id for record in (await ledger.release("fast", window)).records
+            ]
+            for job_id in published:
+                ledger.confirmed(job_id)
+            await ledger.flush()
+
+            admits: list[float] = []
+            for n in range(samples):
+                began = time.perf_counter()
+                await ledger.admit(_job(1_000_000 + n), window=window)
+                admits.append(time.perf_counter() - began)
+
+            releases: list[float] = []
+            for _ in range(samples):
+                taken = published.pop(0)
+                await ledger.apply(Accepted(job_id=taken, attempt=1, worker_id="bench", seq=0))
+                began = time.perf_counter()
+                claim = await ledger.release("fast", window)
+                releases.append(time.perf_counter() - began)
+                for record in claim.records:
+                    ledger.confirmed(record.job.job_id)
+                    published.append(record.job.job_id)
+                await ledger.flush()
+            return admits, releases
+        finally:
+            await ledger.close()
+
+
+async def main(backlogs: list[int], window: int, samples: int) -> None:
+    print(f"window {window}, {samples} samples each")
+    for backlog in backlogs:
+        admits, releases = await measure(backlog, window, samples)
+        print(f"backlog {backlog:6d}: admit   {_quantiles(admits)}")
+        print(f"{'':15s} release {_quantiles(releases)}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backlogs", default="0,1000,10000")
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=300)
+    args = parser.parse_args()
+    asyncio.run(main([int(b) for b in args.backlogs.split(",")], args.window, args.samples))
