@@ -145,3 +145,15 @@ def test_affinity(amqp_url: str) -> None:
     ], out
     for _, _, loads, optimum, *_ in rows:
         assert int(loads) >= int(optimum) == 3, out
+
+
+def test_idle_polling(amqp_url: str) -> None:
+    out = run_bench(
+        "bench.idle_polling", amqp_url, *("--renderers", "2", "--models", "3"), *("--seconds", "1")
+    )
+    found = re.search(
+        rf"^2 idle renderers, 3 models, 1 s .*: (\d+) queue inspections, {NUMBER} per renderer",
+        out,
+        re.MULTILINE,
+    )
+    assert found is not None and int(found.group(1)) >= 2 * 3, out  # each looked once at least
