@@ -12,7 +12,10 @@ both see the same machine; it prints the median rate of each and their ratio. Qu
 deleted afterwards. With ``--concurrency N`` both sides keep N publishes (or submits) in
 flight at once, as a frontend does when many users submit together. It also prints the
 CPU time each side spends per job: in this whole process (the SQLite thread included)
-and on the event loop's thread alone.
+and on the event loop's thread alone. ``--ceiling`` adds a third side to each round, the
+best this design allows: each job validated, written as one row (one ``INSERT``, no
+history, no quota, no fair-release claim) through the same thread hop as the ledger's,
+then published with a confirm.
 
 Between rounds (untimed) the queue is purged and the round's jobs are recorded as taken
 by a renderer (an ``accepted`` event each, through ``Ledger.apply``), as in a frontend
@@ -36,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import aio_pika
+import sqlite_utils
 
 from bench.common import quiet_logs
 from jobs.admission import Admission
@@ -44,6 +48,7 @@ from jobs.ledger import Ledger
 from jobs.models import Accepted, JobRequest, Origin
 from jobs.rabbitmq import RabbitBroker
 from jobs.settings import FairSettings
+from jobs.sql import SqliteFile, immediate, insert_row
 from jobs.topology import build_topology
 from workflows import Catalog
 
@@ -100,6 +105,35 @@ async def admission_rate(
     return await in_parallel(jobs, concurrency, submit), admitted
 
 
+async def ceiling_rate(
+    admission: Admission, bus: JobBus, scratch: SqliteFile, jobs: int, concurrency: int = 1
+) -> float:
+    """What the design allows at best: each job validated, written as one row in a
+    transaction through the same SQLite thread hop as the ledger's, then published with
+    a confirm (``--ceiling``). Jobs per second."""
+    origin = Origin(frontend="api", reply_to="bench")
+
+    async def one(n: int) -> None:
+        job = admission.validate(
+            JobRequest(workflow="sd15-txt2img", prompt=f"a lighthouse at dusk #{n}", seed=n),
+            idempotency_key=str(uuid.uuid4()),
+            origin=origin,
+        )
+
+        def write(db: sqlite_utils.Database) -> None:
+            with immediate(db):
+                insert_row(db, "jobs", {"job_id": job.job_id, "job_json": job.model_dump_json()})
+
+        await scratch.run(write)
+        await bus.submit(job)
+
+    return await in_parallel(jobs, concurrency, one)
+
+
+def _scratch_table(db: sqlite_utils.Database) -> None:
+    db.execute("CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, job_json TEXT)")
+
+
 async def taken(ledger: Ledger, queue: str, job_ids: list[str]) -> None:
     """What renderers would have done with a round's jobs: taken them off the queue (and
     the raw round's messages with them) and said so (untimed)."""
@@ -111,7 +145,7 @@ async def taken(ledger: Ledger, queue: str, job_ids: list[str]) -> None:
         await ledger.apply(Accepted(job_id=job_id, attempt=1, worker_id="bench", seq=0))
 
 
-async def main(jobs: int, rounds: int, concurrency: int) -> None:
+async def main(jobs: int, rounds: int, concurrency: int, ceiling: bool = False) -> None:
     topology = build_topology(["fast"], prefix=f"bench{uuid.uuid4().hex[:8]}")
     broker = RabbitBroker(URL, topology, name="bench")
     await broker.connect()
@@ -123,7 +157,11 @@ async def main(jobs: int, rounds: int, concurrency: int) -> None:
         # this measures validate + quota + ledger + confirmed publish, as before fair
         # release; a job held by fair release costs less (no publish).
         fair = FairSettings(_env_file=None, window_min=100_000)
-        admission = Admission(Catalog.load(), ledger, JobBus(broker), fair=fair)
+        bus = JobBus(broker)
+        admission = Admission(Catalog.load(), ledger, bus, fair=fair)
+        scratch = SqliteFile(Path(folder) / "scratch.sqlite3", "the scratch file", _scratch_table)
+        await scratch.open()
+        best: list[float] = []
         sample = admission.validate(
             JobRequest(workflow="sd15-txt2img", prompt="a lighthouse at dusk #0", seed=0),
             idempotency_key="sample",
@@ -144,9 +182,12 @@ async def main(jobs: int, rounds: int, concurrency: int) -> None:
                     rate, job_ids = await admission_rate(admission, jobs, concurrency)
                     await ledger.flush()  # the round's "published" marks are its work too
                 admitted.append(rate)
+                if ceiling:
+                    best.append(await ceiling_rate(admission, bus, scratch, jobs, concurrency))
                 await taken(ledger, topology.lane_queue("fast"), job_ids)
         finally:
             await ledger.close()
+            await scratch.close()
             connection = await aio_pika.connect(URL)
             async with connection:
                 channel = await connection.channel()
@@ -172,6 +213,13 @@ async def main(jobs: int, rounds: int, concurrency: int) -> None:
         f"ratio per round      : median {statistics.median(pairs):.2f} "
         f"(rounds: {', '.join(f'{p:.2f}' for p in pairs)})"
     )
+    if best:
+        ceilings = [c / r for c, r in zip(best, raw, strict=True)]
+        print(
+            f"ceiling (one-row transaction, same thread hop): median "
+            f"{statistics.median(best):.1f} jobs/s, ratio per round median "
+            f"{statistics.median(ceilings):.2f} (rounds: {', '.join(f'{c:.2f}' for c in ceilings)})"
+        )
     for name, samples in (("raw", raw_cpu), ("admission", admitted_cpu)):
         process = statistics.median(sample[0] for sample in samples) * 1000
         loop = statistics.median(sample[1] for sample in samples) * 1000
@@ -196,6 +244,12 @@ if __name__ == "__main__":
         default=1,
         help="publishes / submits in flight at once, both ways (default: one at a time)",
     )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also time the best the design allows: validate, a one-row transaction "
+        "through the same SQLite thread hop, a confirmed publish",
+    )
     args = parser.parse_args()
     quiet_logs()
-    asyncio.run(main(args.jobs, args.rounds, args.concurrency))
+    asyncio.run(main(args.jobs, args.rounds, args.concurrency, args.ceiling))

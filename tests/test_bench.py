@@ -93,7 +93,9 @@ def test_chaos(amqp_url: str) -> None:
 
 def test_admission(amqp_url: str) -> None:
     out = run_bench(
-        "bench.admission", amqp_url, *("--jobs", "20", "--rounds", "2", "--concurrency", "4")
+        "bench.admission",
+        amqp_url,
+        *("--jobs", "20", "--rounds", "2", "--concurrency", "4", "--ceiling"),
     )
     raw = re.search(rf"^raw confirmed publish: median\s+{NUMBER} msg/s", out, re.MULTILINE)
     admitted = re.search(rf"^admission\s+: median\s+{NUMBER} jobs/s", out, re.MULTILINE)
@@ -101,6 +103,8 @@ def test_admission(amqp_url: str) -> None:
     assert float(raw.group(1)) > 0 and float(admitted.group(1)) > 0, out
     rounds = re.search(r"^ratio per round\s+: median [\d.]+ \(rounds: ([\d., ]+)\)", out, re.M)
     assert rounds is not None and len(rounds.group(1).split(", ")) == 2, out
+    ceiling = re.search(rf"^ceiling .*: median {NUMBER} jobs/s, ratio per round median", out, re.M)
+    assert ceiling is not None and float(ceiling.group(1)) > 0, out
     for side in ("raw", "admission"):
         cpu = re.search(
             rf"^CPU per job, {side}\s*: {NUMBER} ms in all, {NUMBER} ms on the loop$", out, re.M
