@@ -19,6 +19,10 @@ from jobs.topology import Topology
 
 log = structlog.get_logger(__name__)
 
+#: How long a lane's depth read from the broker answers again (:meth:`JobBus.depth`):
+#: status pages and ``/queue status`` asking at once share one read.
+DEPTH_FRESH_SECONDS = 1.0
+
 #: At most one wake per lane and model in this long (:meth:`JobBus.submit`): an idle
 #: renderer looks at the model queues at most every ``RENDERER_AFFINITY_POLL_SECONDS``
 #: anyway, and sees every job waiting when it does.
@@ -37,6 +41,8 @@ class JobBus:
         #: (lane, model) -> when this bus last sent a wake for it, and the wakes in flight.
         self._woken: dict[tuple[str, str], float] = {}
         self._waking: set[asyncio.Task[None]] = set()
+        #: lane -> when its depth read began, and the read (:meth:`depth`).
+        self._depths: dict[str, tuple[float, asyncio.Task[int]]] = {}
 
     @property
     def topology(self) -> Topology:
@@ -103,7 +109,24 @@ class JobBus:
     async def depth(self, lane: str) -> int:
         """Jobs waiting for ``lane``'s renderers at the broker, every frontend's: in the
         lane's queue and, with model affinity, in the queues of the models its renderers
-        can load (and of those this bus published to)."""
+        can load (and of those this bus published to).
+
+        With affinity that is one broker call per model, one after another, so callers
+        share a read: one under way, or one that began less than
+        :data:`DEPTH_FRESH_SECONDS` ago, answers them all (a failed read answers only
+        those that waited for it)."""
+        now = time.monotonic()
+        known = self._depths.get(lane)
+        if known is None or (
+            known[1].done()
+            and (known[1].exception() is not None or now - known[0] >= DEPTH_FRESH_SECONDS)
+        ):
+            known = (now, asyncio.create_task(self._read_depth(lane), name=f"depth:{lane}"))
+            self._depths[lane] = known
+        # Shielded: a caller that gives up does not cancel the read the others wait for.
+        return await asyncio.shield(known[1])
+
+    async def _read_depth(self, lane: str) -> int:
         depth = await self.broker.depth(self.topology.lane_queue(lane))
         if self.topology.affinity:
             models = {model for known, model in self._declared if known == lane}

@@ -4,6 +4,7 @@ the wake a job for a model sends the renderers, on both brokers."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -88,3 +89,38 @@ async def test_a_job_for_a_model_wakes_the_renderers_once_per_burst(
         while len(heard) < 2:
             await asyncio.sleep(0.02)
     assert heard[1].action is ControlAction.WAKE and heard[1].model == MODEL
+
+
+async def test_callers_at_once_share_one_read_of_the_depth(
+    brokers: BrokerFactory, test_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topology = brokers.topology(test_prefix, affinity_wait_ms=60_000, models=(MODEL,))
+    broker = await brokers.connect(topology)
+    await broker.declare()
+    bus = JobBus(broker)
+    bus.models = lambda lane: {MODEL}
+    await bus.submit(job(0, MODEL))
+    await bus.submit(job(1, None))
+    calls: list[str] = []
+    for name in ("depth", "inspect"):
+        real = getattr(broker, name)
+
+        async def counted(queue: str, real: Any = real, name: str = name) -> Any:
+            calls.append(name)
+            return await real(queue)
+
+        monkeypatch.setattr(broker, name, counted)
+
+    assert await bus.depth("fast") == 2
+    one_read = len(calls)
+    assert one_read >= 2  # the lane's queue and the model's
+
+    # A status page's viewers and an admin's /queue status, all at once, within the
+    # freshness: one read answers them all.
+    calls.clear()
+    assert await asyncio.gather(*(bus.depth("fast") for _ in range(20))) == [2] * 20
+    assert calls == []  # the read above is still fresh
+    monkeypatch.setattr("jobs.bus.DEPTH_FRESH_SECONDS", 0.0)
+    await bus.submit(job(2, MODEL))
+    assert await asyncio.gather(*(bus.depth("fast") for _ in range(20))) == [3] * 20
+    assert len(calls) == one_read
