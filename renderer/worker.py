@@ -469,6 +469,9 @@ class Worker:
         model's queue."""
         task = asyncio.current_task()
         assert task is not None
+        held = getattr(self.backend, "held", None)  # renderer.backends.base.HoldsJobs
+        if held is not None and delivery.delivery_count and delivery.message_id:
+            held(delivery.message_id)
         self._running.add(task)
         self._idle.clear()
         try:

@@ -140,3 +140,43 @@ async def test_a_first_start_with_nothing_left_behind_touches_nothing(
         assert comfyui.interrupts == []
     finally:
         await backend.close()
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["after-start", "before-start"])
+async def test_a_job_back_but_waiting_for_a_slot_past_the_grace_keeps_its_prompt(
+    comfyui: ComfyUIEmulator,
+    predecessor: ComfyUIClient,
+    other_client: ComfyUIClient,
+    worker_id: str,
+    early: bool,
+) -> None:
+    """The redelivered job reached the restarted renderer (the worker calls ``held``)
+    but waits behind other jobs for a slot until after the grace: its prompt goes on,
+    and the render attaches to it, as within the grace. ``early``: the delivery came
+    before the backend's takeover."""
+    running, _, _ = await _left_behind(comfyui, predecessor, other_client)
+    backend = ComfyUIBackend(
+        RendererSettings(worker_id=worker_id),
+        ComfyUISettings(
+            url=comfyui.url,
+            connect_timeout_seconds=2,
+            request_timeout_seconds=5,
+            stall_seconds=10,
+            orphan_grace_seconds=0.3,
+        ),
+    )
+    try:
+        if early:
+            backend.held(running.job_id)
+        await backend.start()
+        if not early:
+            backend.held(running.job_id)
+        await asyncio.sleep(0.6)  # past the grace, still waiting for a slot
+        assert {"prompt_id": running.job_id} not in comfyui.interrupts
+        assert (await other_client.queue()).place(running.job_id) == "running"
+        again = RenderTask(running.job_id, 2, running.workflow, running.graph, running.params)
+        assert len((await backend.render(again, RecordingReporter())).images) == 1
+    finally:
+        await backend.close()
+    assert comfyui.executed.count(running.job_id) == 1
+    assert [body["prompt_id"] for body in comfyui.submitted].count(running.job_id) == 1

@@ -80,3 +80,12 @@ class Backend(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """What heartbeats advertise: device name, memory, loaded models."""
+
+
+class HoldsJobs(Protocol):
+    """An optional hook of a backend that keeps work across a renderer's restart (a
+    ComfyUI keeps its queue when the renderer driving it is killed): the worker calls
+    ``held`` when a redelivered job arrives, before it waits for a free slot, so the
+    backend knows that job is here and coming, however long it waits."""
+
+    def held(self, job_id: str) -> None: ...

@@ -109,6 +109,8 @@ class ComfyUIBackend:
         self._orphans: set[str] = set()
         self._took_over = False
         self._orphan_timer: asyncio.Task[None] | None = None
+        #: Redelivered jobs that reached this renderer before its takeover (:meth:`held`).
+        self._held_early: set[str] = set()
 
     @property
     def client(self) -> ComfyUIClient:
@@ -165,13 +167,24 @@ class ComfyUIBackend:
             await self.client.delete_from_queue(mine.pending)
             log.info("comfyui.orphans_deleted", prompts=list(mine.pending))
         if mine.running:
-            self._orphans.update(mine.running)
+            # A running prompt whose job is already back here is adopted at once.
+            self._orphans.update(set(mine.running) - self._held_early)
+            self._held_early.clear()
             log.info(
                 "comfyui.orphans_found",
                 prompts=list(mine.running),
                 grace_seconds=self._comfyui.orphan_grace_seconds,
             )
             self._orphan_timer = asyncio.create_task(self._stop_orphans(), name="comfyui-orphans")
+
+    def held(self, job_id: str) -> None:
+        """A redelivered job arrived at this renderer (``HoldsJobs``): if its prompt is a
+        predecessor's, running here, it is adopted, not interrupted after the grace; the
+        render attaches to it once a slot is free, however long that takes."""
+        if self._took_over:
+            self._orphans.discard(job_id)
+        else:
+            self._held_early.add(job_id)
 
     async def _stop_orphans(self) -> None:
         """After the grace, interrupt the predecessor's prompts no render adopted."""
