@@ -55,6 +55,11 @@ from workflows import Catalog
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
+def request(n: int) -> JobRequest:
+    """The n-th request of a round (every side builds the same ones)."""
+    return JobRequest(workflow="sd15-txt2img", prompt=f"a lighthouse at dusk #{n}", seed=n)
+
+
 async def in_parallel(jobs: int, concurrency: int, one: Callable[[int], Awaitable[None]]) -> float:
     """Run ``one(0)`` ... ``one(jobs - 1)``, ``concurrency`` at a time (each of that many
     tasks takes the next number when its last call returns); calls per second."""
@@ -96,7 +101,7 @@ async def admission_rate(
 
     async def submit(n: int) -> None:
         result = await admission.submit(
-            JobRequest(workflow="sd15-txt2img", prompt=f"a lighthouse at dusk #{n}", seed=n),
+            request(n),
             idempotency_key=str(uuid.uuid4()),
             origin=origin,
         )
@@ -115,7 +120,7 @@ async def ceiling_rate(
 
     async def one(n: int) -> None:
         job = admission.validate(
-            JobRequest(workflow="sd15-txt2img", prompt=f"a lighthouse at dusk #{n}", seed=n),
+            request(n),
             idempotency_key=str(uuid.uuid4()),
             origin=origin,
         )
@@ -163,7 +168,7 @@ async def main(jobs: int, rounds: int, concurrency: int, ceiling: bool = False) 
         await scratch.open()
         best: list[float] = []
         sample = admission.validate(
-            JobRequest(workflow="sd15-txt2img", prompt="a lighthouse at dusk #0", seed=0),
+            request(0),
             idempotency_key="sample",
             origin=Origin(frontend="api", reply_to="bench"),
         )

@@ -431,19 +431,17 @@ class Worker:
                 if render is not None:
                     log.info("job.cancelling", job_id=message.job_id, by=message.requested_by)
                     render.cancel()
-            elif message.action is ControlAction.WAKE and self._woken_by(message):
-                assert self.affinity is not None
+            elif (
+                message.action is ControlAction.WAKE
+                and self.affinity is not None
+                and self._serves(message)
+            ):
                 self.affinity.wake()
         await delivery.ack()
 
-    def _woken_by(self, message: Control) -> bool:
-        """A wake this renderer answers: affinity is on, and the lane and model are ones
-        it serves and can load."""
-        return (
-            self.affinity is not None
-            and message.lane in self._settings.lanes
-            and message.model in self._affine_models()
-        )
+    def _serves(self, message: Control) -> bool:
+        """A wake for a lane this renderer serves and a model it can load."""
+        return message.lane in self._settings.lanes and message.model in self._affine_models()
 
     def _remember_cancel(self, job_id: str) -> None:
         self._cancelled[job_id] = None

@@ -17,14 +17,26 @@ from tests.fixtures.jobs import job
 MODEL = "v1-5-pruned-emaonly.safetensors"
 
 
-async def test_jobs_for_a_model_some_renderer_can_load_wait_in_its_queue(
-    brokers: BrokerFactory, test_prefix: str
-) -> None:
-    topology = brokers.topology(test_prefix, affinity_wait_ms=60_000, models=(MODEL,))
+async def _front(brokers: BrokerFactory, prefix: str, *, affinity: bool) -> JobBus:
+    """A frontend's bus, its topology declared, that knows some renderer can load MODEL
+    (with ``affinity``, a bound of a minute)."""
+    topology = (
+        brokers.topology(prefix, affinity_wait_ms=60_000, models=(MODEL,))
+        if affinity
+        else brokers.topology(prefix)
+    )
     broker = await brokers.connect(topology)
     await broker.declare()
     bus = JobBus(broker)
     bus.models = lambda lane: {MODEL}
+    return bus
+
+
+async def test_jobs_for_a_model_some_renderer_can_load_wait_in_its_queue(
+    brokers: BrokerFactory, test_prefix: str
+) -> None:
+    bus = await _front(brokers, test_prefix, affinity=True)
+    topology, broker = bus.topology, bus.broker
 
     await bus.submit(job(0, MODEL))
     await bus.submit(job(1, MODEL))
@@ -40,11 +52,8 @@ async def test_jobs_for_a_model_some_renderer_can_load_wait_in_its_queue(
 async def test_without_affinity_every_job_goes_to_its_lane(
     brokers: BrokerFactory, test_prefix: str
 ) -> None:
-    topology = brokers.topology(test_prefix)
-    broker = await brokers.connect(topology)
-    await broker.declare()
-    bus = JobBus(broker)
-    bus.models = lambda lane: {MODEL}
+    bus = await _front(brokers, test_prefix, affinity=False)
+    topology, broker = bus.topology, bus.broker
 
     await bus.submit(job(0, MODEL))
 
@@ -55,12 +64,8 @@ async def test_without_affinity_every_job_goes_to_its_lane(
 async def test_a_job_for_a_model_wakes_the_renderers_once_per_burst(
     brokers: BrokerFactory, test_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    topology = brokers.topology(test_prefix, affinity_wait_ms=60_000, models=(MODEL,))
-    broker = await brokers.connect(topology)
-    await broker.declare()
-    bus = JobBus(broker)
-    bus.models = lambda lane: {MODEL}
-    renderer = JobBus(await brokers.connect(topology, "renderer"))
+    bus = await _front(brokers, test_prefix, affinity=True)
+    renderer = JobBus(await brokers.connect(bus.topology, "renderer"))
     heard: list[Control] = []
 
     async def on_control(delivery: Delivery) -> None:
@@ -94,11 +99,8 @@ async def test_a_job_for_a_model_wakes_the_renderers_once_per_burst(
 async def test_callers_at_once_share_one_read_of_the_depth(
     brokers: BrokerFactory, test_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    topology = brokers.topology(test_prefix, affinity_wait_ms=60_000, models=(MODEL,))
-    broker = await brokers.connect(topology)
-    await broker.declare()
-    bus = JobBus(broker)
-    bus.models = lambda lane: {MODEL}
+    bus = await _front(brokers, test_prefix, affinity=True)
+    broker = bus.broker
     await bus.submit(job(0, MODEL))
     await bus.submit(job(1, None))
     calls: list[str] = []

@@ -44,8 +44,9 @@ async def predecessor(comfyui: ComfyUIEmulator, worker_id: str) -> AsyncIterator
     await client.close()
 
 
-async def _restarted(url: str, worker_id: str, grace: float) -> ComfyUIBackend:
-    backend = ComfyUIBackend(
+def _successor(url: str, worker_id: str, grace: float) -> ComfyUIBackend:
+    """The restarted worker's backend (same worker id), not started yet."""
+    return ComfyUIBackend(
         RendererSettings(worker_id=worker_id),
         ComfyUISettings(
             url=url,
@@ -55,6 +56,10 @@ async def _restarted(url: str, worker_id: str, grace: float) -> ComfyUIBackend:
             orphan_grace_seconds=grace,
         ),
     )
+
+
+async def _restarted(url: str, worker_id: str, grace: float) -> ComfyUIBackend:
+    backend = _successor(url, worker_id, grace)
     await backend.start()
     return backend
 
@@ -155,16 +160,7 @@ async def test_a_job_back_but_waiting_for_a_slot_past_the_grace_keeps_its_prompt
     and the render attaches to it, as within the grace. ``early``: the delivery came
     before the backend's takeover."""
     running, _, _ = await _left_behind(comfyui, predecessor, other_client)
-    backend = ComfyUIBackend(
-        RendererSettings(worker_id=worker_id),
-        ComfyUISettings(
-            url=comfyui.url,
-            connect_timeout_seconds=2,
-            request_timeout_seconds=5,
-            stall_seconds=10,
-            orphan_grace_seconds=0.3,
-        ),
-    )
+    backend = _successor(comfyui.url, worker_id, grace=0.3)
     try:
         if early:
             backend.held(running.job_id)

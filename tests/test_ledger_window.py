@@ -9,12 +9,13 @@ from pathlib import Path
 
 import sqlite_utils
 
-from jobs.ledger import Ledger, _waiting_at_broker, _waiting_by_model, _waiting_query
+from jobs.ledger import Ledger, _waiting_at_broker, _waiting_by_model, _waiting_query, _write
 from jobs.models import Accepted, Job
 from tests.fixtures.jobs import job
 
 A = "a_sd15.safetensors"
 STALE = "2001-01-01T00:00:00+00:00"
+LONG_AGO = "2000-01-01T00:00:00+00:00"
 
 
 def _per_model(jobs: list[Job]) -> dict[str | None, int]:
@@ -41,9 +42,10 @@ async def test_the_count_is_the_published_and_the_freshly_claimed_only(tmp_path:
         # One claim lapsed long ago (its release died before the publish).
         lapsed = claimed.records[8].job.job_id
         await ledger._run(
-            lambda db: db.execute(
+            lambda db: _write(
+                db,
                 "UPDATE jobs SET claimed_at = '2000-01-01T00:00:00+00:00' WHERE job_id = ?",
-                [lapsed],
+                lapsed,
             )
         )
         at_broker = [record.job for record in published[2:]]
