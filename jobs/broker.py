@@ -137,6 +137,12 @@ class Broker(ABC):
         :class:`BrokerUnavailable` (not connected, nacked, or no confirm in time).
         """
 
+    async def reconnected(self, timeout: float) -> bool:
+        """Wait, at most ``timeout`` seconds, until a connection lost since the last call
+        is back with its channels restored; whether it is. True at once when nothing was
+        lost (this base: a broker that does not reconnect)."""
+        return True
+
     @abstractmethod
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> Subscription:
         """Run ``handler`` for each delivery from ``queue``, each in its own task."""

@@ -7,13 +7,14 @@ which key, persistent or not, what may be dropped) is decided in one place.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable, Collection, Iterable
 
 import structlog
 
 from jobs.broker import Broker, Handler, QueueInfo, Subscription
-from jobs.exceptions import JobsError
+from jobs.exceptions import BrokerUnavailable, JobsError
 from jobs.models import Control, ControlAction, Event, Heartbeat, Job
 from jobs.topology import Topology
 
@@ -27,6 +28,14 @@ DEPTH_FRESH_SECONDS = 1.0
 #: renderer looks at the model queues at most every ``RENDERER_AFFINITY_POLL_SECONDS``
 #: anyway, and sees every job waiting when it does.
 WAKE_INTERVAL_SECONDS = 0.25
+
+#: A job's publish that failed with the connection (a cut, a broker restart) is tried
+#: again once the robust connection is back, for at most this long in all and at most
+#: :data:`SUBMIT_TRIES` times (:meth:`JobBus.submit`): a short outage costs the user a
+#: wait, not a "try again". Safe: a renderer takes a job id once, so a job whose lost
+#: confirm hid a publish that did arrive runs once.
+SUBMIT_RECONNECT_SECONDS = 5.0
+SUBMIT_TRIES = 3
 
 
 class JobBus:
@@ -54,17 +63,33 @@ class JobBus:
         A job that goes to a model's queue also wakes the idle renderers (a ``wake`` on
         the control fanout, sent in the background, at most one per lane and model every
         :data:`WAKE_INTERVAL_SECONDS`): they then look at the model queues at once rather
-        than at their next poll, which backs off while nothing waits."""
+        than at their next poll, which backs off while nothing waits.
+
+        A publish that fails with the connection is tried again when the connection is
+        back (:data:`SUBMIT_RECONNECT_SECONDS`, :data:`SUBMIT_TRIES`); then it raises."""
         self.topology.lane_queue(job.lane)  # an unknown lane is a bug upstream: fail loudly
-        key = await self.route(job)
-        await self.broker.publish(
-            self.topology.jobs_exchange,
-            key,
-            job.to_wire(),
-            persistent=True,
-            mandatory=True,
-            message_id=job.job_id,
-        )
+        deadline = time.monotonic() + SUBMIT_RECONNECT_SECONDS
+        for tries in itertools.count(1):
+            try:
+                key = await self.route(job)
+                await self.broker.publish(
+                    self.topology.jobs_exchange,
+                    key,
+                    job.to_wire(),
+                    persistent=True,
+                    mandatory=True,
+                    message_id=job.job_id,
+                )
+                break
+            except BrokerUnavailable as exc:
+                if tries >= SUBMIT_TRIES:
+                    raise
+                # The connection may not have seen its loss yet: a moment, then wait for it.
+                await asyncio.sleep(0.1 * tries)
+                left = deadline - time.monotonic()
+                if left <= 0 or not await self.broker.reconnected(left):
+                    raise
+                log.info("job.publish_again", job_id=job.job_id, tries=tries, error=str(exc))
         if key != job.lane and job.model is not None:
             self._wake(job.lane, job.model)
 

@@ -206,6 +206,16 @@ class RabbitBroker(Broker):
         except (*CONNECTION_EXCEPTIONS, ChannelInvalidStateError, TimeoutError) as exc:
             raise BrokerUnavailable(f"publish to {exchange!r} was not confirmed: {exc}") from exc
 
+    async def reconnected(self, timeout: float) -> bool:
+        if self._publisher is None:
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                await self._publisher.ready()  # the connection back, the channel restored
+        except TimeoutError:
+            return False
+        return not self._publisher.is_closed
+
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> Subscription:
         connection = self._connection
         if connection is None:

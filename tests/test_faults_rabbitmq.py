@@ -162,8 +162,9 @@ async def test_a_submit_whose_job_was_published_is_admitted_when_a_later_publish
 async def test_a_submit_refused_in_a_cut_reserves_nothing(
     amqp_url: str, test_prefix: str, tmp_path: Path
 ) -> None:
-    """The publish of the submitted job fails in a cut: the user is told to try again,
-    and neither the job nor its reserved images (nor an in-flight slot) are left."""
+    """The publish of the submitted job fails in a cut, and again after each wait for
+    the connection: the user is told to try again, and neither the job nor its reserved
+    images (nor an in-flight slot) are left."""
     topology = build_topology(["fast"], prefix=test_prefix, delivery_limit=4)
     ledger = Ledger(tmp_path / "ledger.db")
     await ledger.open()
@@ -191,3 +192,55 @@ async def test_a_submit_refused_in_a_cut_reserves_nothing(
 
     assert record is None
     assert (usage.user_images_today, usage.user_in_flight, usage.tenant_pending) == (0, 0, 0)
+
+
+class CuttingRabbit(RabbitBroker):
+    """The real broker behind ``proxy``: the first publish of a job cuts every connection
+    just before it is sent, as a broker restart would."""
+
+    def __init__(self, url: str, topology: Topology, proxy: TcpProxy) -> None:
+        super().__init__(url, topology, name="cutting", timeout=5)
+        self._proxy = proxy
+        self.tries = 0
+
+    async def publish(self, exchange: str, routing_key: str, body: bytes, **options: Any) -> None:
+        if exchange == self.topology.jobs_exchange:
+            self.tries += 1
+            if self.tries == 1:
+                self._proxy.cut()
+        await super().publish(exchange, routing_key, body, **options)
+
+
+async def test_a_submit_caught_by_a_cut_waits_for_the_connection_and_is_admitted(
+    amqp_url: str, rabbit_proxy: TcpProxy, test_prefix: str, tmp_path: Path
+) -> None:
+    """A cut under a job's publish: the submit waits for the robust connection to come
+    back and publishes again, so the user gets the job, not "try again", and is charged
+    once."""
+    topology = build_topology(["fast"], prefix=test_prefix, delivery_limit=4)
+    ledger = Ledger(tmp_path / "ledger.db")
+    await ledger.open()
+    defaults = QuotaSettings(images_per_user_per_day=10, concurrent_per_user=2)
+    origin = Origin(frontend="discord", reply_to="front-faults", tenant="g", user="u")
+    broker = CuttingRabbit(through(amqp_url, rabbit_proxy), topology, rabbit_proxy)
+    await broker.connect()
+    try:
+        await broker.declare()
+        admission = Admission(Catalog.load(), ledger, JobBus(broker), quota_defaults=defaults)
+        admitted = await admission.submit(
+            JobRequest(workflow="demo", prompt="a cut"), idempotency_key="k", origin=origin
+        )
+        await ledger.flush()
+        record = await ledger.get(admitted.job.job_id)
+        usage = await ledger.usage("g", "u", defaults)
+        waiting = await broker.get(topology.lane_queue("fast"))
+    finally:
+        await broker.close()
+        await ledger.close()
+        await delete_topology(amqp_url, topology, [])
+
+    assert rabbit_proxy.cuts == 1 and broker.tries == 2
+    assert admitted.created and admitted.record.published
+    assert record is not None and record.published and record.status is JobStatus.QUEUED
+    assert (usage.user_images_today, usage.user_in_flight) == (1, 1)
+    assert waiting is not None and waiting.message_id == admitted.job.job_id
