@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Container
 from contextlib import suppress
 from dataclasses import dataclass
@@ -48,6 +49,11 @@ CLAIM_SECONDS = 60
 #: How long a broker's confirm waits to be written with the ones after it
 #: (:meth:`Ledger.confirmed`): admissions in a row then share one write.
 CONFIRM_BATCH_SECONDS = 0.05
+
+#: How long a tenant's limits read from the file answer again (:meth:`Ledger.quota`),
+#: and how many tenants' are kept at most (past that, all are read afresh).
+QUOTA_FRESH_SECONDS = 1.0
+QUOTA_CACHE_TENANTS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +111,10 @@ class Ledger:
         self._admitting: asyncio.Task[None] | None = None
         #: An admission transaction is under way (a caller's own, or the writer's).
         self._writing = False
+        #: tenant -> (when read, its stored limits, EVERYONE's) (:meth:`quota`).
+        self._quotas: dict[
+            str, tuple[float, quotas.QuotaSettings | None, quotas.QuotaSettings | None]
+        ] = {}
 
     async def open(self) -> None:
         await self._file.open()
@@ -543,8 +553,19 @@ class Ledger:
         return await self._run(apply)
 
     async def quota(self, tenant: str, defaults: quotas.QuotaSettings) -> quotas.QuotaSettings:
-        """A tenant's limits: its own, else ``defaults``."""
-        return await self._run(lambda db: quotas.settings_for(db, tenant, defaults))
+        """A tenant's limits: its own, else ``defaults``. What the file holds is read again
+        after :data:`QUOTA_FRESH_SECONDS` (every ``/imagine`` asks several times): a
+        change made through this ledger applies at once, one made by another process
+        sharing the file within that time."""
+        now = time.monotonic()
+        known = self._quotas.get(tenant)
+        if known is None or now - known[0] >= QUOTA_FRESH_SECONDS:
+            if len(self._quotas) >= QUOTA_CACHE_TENANTS:
+                self._quotas.clear()
+            own, everyone = await self._run(lambda db: quotas.stored(db, tenant))
+            known = (now, own, everyone)
+            self._quotas[tenant] = known
+        return quotas.combined(tenant, known[1], known[2], defaults)
 
     async def set_quota(
         self, tenant: str, changes: dict[str, Any], defaults: quotas.QuotaSettings
@@ -557,7 +578,10 @@ class Ledger:
                 quotas.store_settings(db, tenant, settings)
             return settings
 
-        return await self._run(update)
+        try:
+            return await self._run(update)
+        finally:
+            self._quotas.clear()  # this tenant's, and every tenant's when it is EVERYONE
 
     async def usage(
         self, tenant: str, user: str | None, defaults: quotas.QuotaSettings

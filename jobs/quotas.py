@@ -242,12 +242,28 @@ EVERYONE = "*"
 
 def settings_for(db: sqlite_utils.Database, tenant: str, defaults: QuotaSettings) -> QuotaSettings:
     """``tenant``'s limits (else ``defaults``), paused as well when everyone is."""
+    return combined(tenant, *stored(db, tenant), defaults)
+
+
+def stored(
+    db: sqlite_utils.Database, tenant: str
+) -> tuple[QuotaSettings | None, QuotaSettings | None]:
+    """The limits stored for ``tenant`` and for :data:`EVERYONE` (None: none stored)."""
     rows = {
         row["tenant"]: QuotaSettings.model_validate_json(row["settings_json"])
         for row in db.table("quota_settings").rows_where("tenant IN (?, ?)", [tenant, EVERYONE])
     }
-    settings = rows.get(tenant, defaults)
-    everyone = rows.get(EVERYONE)
+    return rows.get(tenant), rows.get(EVERYONE)
+
+
+def combined(
+    tenant: str,
+    own: QuotaSettings | None,
+    everyone: QuotaSettings | None,
+    defaults: QuotaSettings,
+) -> QuotaSettings:
+    """:func:`settings_for` from what :func:`stored` read."""
+    settings = own if own is not None else defaults
     if everyone is not None and everyone.paused and tenant != EVERYONE:
         settings = settings.model_copy(update={"paused": True})
     return settings

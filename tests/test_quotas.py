@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from jobs import ledger as ledger_module
+from jobs import quotas
 from jobs.admission import Admission
 from jobs.broker import Broker
 from jobs.bus import JobBus
@@ -281,3 +283,38 @@ async def test_a_global_pause_pauses_every_tenant(admission: Admission, ledger: 
     await ledger.set_quota("*", {"paused": False}, DEFAULTS)
     assert await submit(admission)
     assert [r.job.origin.user for r in await ledger.active(GUILD)] == ["alice"]
+
+
+async def test_limits_are_read_from_the_file_once_a_second_and_a_change_here_applies_at_once(
+    ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every /imagine asks for its guild's limits several times: they are read once per
+    ``QUOTA_FRESH_SECONDS``. A change through this ledger applies at once (a global pause
+    too); one by another process sharing the file, once the time is up."""
+    reads: list[str] = []
+    stored = quotas.stored
+
+    def counted(db: Any, tenant: str) -> Any:
+        reads.append(tenant)
+        return stored(db, tenant)
+
+    monkeypatch.setattr(quotas, "stored", counted)
+    monkeypatch.setattr(ledger_module, "QUOTA_FRESH_SECONDS", 0.3)
+    for _ in range(5):
+        assert await ledger.quota(GUILD, DEFAULTS) == DEFAULTS
+    assert reads == [GUILD]
+
+    await ledger.set_quota(GUILD, {"max_steps": 20}, DEFAULTS)
+    assert (await ledger.quota(GUILD, DEFAULTS)).max_steps == 20
+    await ledger.set_quota("*", {"paused": True}, DEFAULTS)
+    assert (await ledger.quota(GUILD, DEFAULTS)).paused
+
+    other = Ledger(tmp_path / "ledger.sqlite3")  # another process on the same file
+    await other.open()
+    try:
+        await other.set_quota(GUILD, {"max_steps": 30}, DEFAULTS)
+    finally:
+        await other.close()
+    assert (await ledger.quota(GUILD, DEFAULTS)).max_steps == 20  # read less than 0.3 s ago
+    await asyncio.sleep(0.35)
+    assert (await ledger.quota(GUILD, DEFAULTS)).max_steps == 30
