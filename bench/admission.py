@@ -7,7 +7,10 @@ Run from the repository root, with RabbitMQ at ``AMQP_URL`` (default: guest on l
 Each round publishes ``--jobs`` messages one at a time with publisher confirms through
 plain aio-pika (the floor nothing can beat), then admits ``--jobs`` requests through
 ``Admission.submit`` (validate against the manifest, write the SQLite ledger row, publish
-with a confirm; the "published" mark is written in the background). Rounds alternate, so
+with a confirm; the "published" mark is written in the background). The requests come
+from ``USERS`` users of one tenant, whose limits are checked and reserved as a guild's
+are (every limit but the tenant's daily images is set, as in the defaults, high enough
+that nothing is refused). Rounds alternate, so
 both see the same machine; it prints the median rate of each and their ratio. Queues are
 deleted afterwards. With ``--concurrency N`` both sides keep N publishes (or submits) in
 flight at once, as a frontend does when many users submit together. It also prints the
@@ -17,8 +20,9 @@ best this design allows: each job validated, written as one row (one ``INSERT``,
 history, no quota, no fair-release claim) through the same thread hop as the ledger's,
 then published with a confirm.
 
-Between rounds (untimed) the queue is purged and the round's jobs are recorded as taken
-by a renderer (an ``accepted`` event each, through ``Ledger.apply``), as in a frontend
+Between rounds (untimed) the queue is purged and the round's jobs are recorded as
+rendered (an ``accepted`` and a ``succeeded`` event each, through ``Ledger.apply``: their
+images charged), as in a frontend
 whose renderers keep up: there the jobs waiting at the broker are at most the fair
 window (about two per worker), and the window's count in each admission reads those
 only. Without it every round would admit behind all the earlier rounds' jobs, which no
@@ -45,7 +49,8 @@ from bench.common import quiet_logs
 from jobs.admission import Admission
 from jobs.bus import JobBus
 from jobs.ledger import Ledger
-from jobs.models import Accepted, JobRequest, Origin
+from jobs.models import Accepted, JobRequest, Origin, Output, Succeeded
+from jobs.quotas import QuotaSettings
 from jobs.rabbitmq import RabbitBroker
 from jobs.settings import FairSettings
 from jobs.sql import SqliteFile, immediate, insert_row
@@ -54,10 +59,23 @@ from workflows import Catalog
 
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
+#: The tenant's users the requests come from, in turn.
+USERS = 50
+TENANT = "bench-guild"
+#: Every counted limit a guild has by default, set high enough that nothing is refused.
+LIMITS = QuotaSettings(
+    images_per_user_per_day=10**9, concurrent_per_user=10**9, pending_per_tenant=10**9
+)
+
 
 def request(n: int) -> JobRequest:
     """The n-th request of a round (every side builds the same ones)."""
     return JobRequest(workflow="sd15-txt2img", prompt=f"a lighthouse at dusk #{n}", seed=n)
+
+
+def origin(n: int) -> Origin:
+    """Who sends the n-th request."""
+    return Origin(frontend="api", reply_to="bench", tenant=TENANT, user=f"user{n % USERS}")
 
 
 async def in_parallel(jobs: int, concurrency: int, one: Callable[[int], Awaitable[None]]) -> float:
@@ -96,14 +114,13 @@ async def admission_rate(
     admission: Admission, jobs: int, concurrency: int = 1
 ) -> tuple[float, list[str]]:
     """Jobs admitted per second, and their ids."""
-    origin = Origin(frontend="api", reply_to="bench")
     admitted: list[str] = []
 
     async def submit(n: int) -> None:
         result = await admission.submit(
             request(n),
             idempotency_key=str(uuid.uuid4()),
-            origin=origin,
+            origin=origin(n),
         )
         admitted.append(result.job.job_id)
 
@@ -116,13 +133,12 @@ async def ceiling_rate(
     """What the design allows at best: each job validated, written as one row in a
     transaction through the same SQLite thread hop as the ledger's, then published with
     a confirm (``--ceiling``). Jobs per second."""
-    origin = Origin(frontend="api", reply_to="bench")
 
     async def one(n: int) -> None:
         job = admission.validate(
             request(n),
             idempotency_key=str(uuid.uuid4()),
-            origin=origin,
+            origin=origin(n),
         )
 
         def write(db: sqlite_utils.Database) -> None:
@@ -146,8 +162,12 @@ async def taken(ledger: Ledger, queue: str, job_ids: list[str]) -> None:
     async with connection:
         channel = await connection.channel()
         await (await channel.get_queue(queue, ensure=False)).purge()
+    image = Output(url="bench", key="bench", size=1, width=1, height=1)
     for job_id in job_ids:
         await ledger.apply(Accepted(job_id=job_id, attempt=1, worker_id="bench", seq=0))
+        await ledger.apply(
+            Succeeded(job_id=job_id, attempt=1, worker_id="bench", seq=1, outputs=[image])
+        )
 
 
 async def main(jobs: int, rounds: int, concurrency: int, ceiling: bool = False) -> None:
@@ -163,15 +183,11 @@ async def main(jobs: int, rounds: int, concurrency: int, ceiling: bool = False) 
         # release; a job held by fair release costs less (no publish).
         fair = FairSettings(_env_file=None, window_min=100_000)
         bus = JobBus(broker)
-        admission = Admission(Catalog.load(), ledger, bus, fair=fair)
+        admission = Admission(Catalog.load(), ledger, bus, fair=fair, quota_defaults=LIMITS)
         scratch = SqliteFile(Path(folder) / "scratch.sqlite3", "the scratch file", _scratch_table)
         await scratch.open()
         best: list[float] = []
-        sample = admission.validate(
-            request(0),
-            idempotency_key="sample",
-            origin=Origin(frontend="api", reply_to="bench"),
-        )
+        sample = admission.validate(request(0), idempotency_key="sample", origin=origin(0))
         raw: list[float] = []
         admitted: list[float] = []
         # CPU per job of this process (every thread) and of its event loop's thread alone.
