@@ -29,8 +29,9 @@ DEPTH_FRESH_SECONDS = 1.0
 #: anyway, and sees every job waiting when it does.
 WAKE_INTERVAL_SECONDS = 0.25
 
-#: A job's publish that failed with the connection (a cut, a broker restart) is tried
-#: again once the robust connection is back, for at most this long in all and at most
+#: A job's publish that failed with the connection (a cut, a broker restart; a nack or
+#: a missing confirm too) is tried again once the robust connection is back, for at
+#: most this long in all (a confirm's timeout longer than this ends it) and at most
 #: :data:`SUBMIT_TRIES` times (:meth:`JobBus.submit`): a short outage costs the user a
 #: wait, not a "try again". Safe: a renderer takes a job id once, so a job whose lost
 #: confirm hid a publish that did arrive runs once.
