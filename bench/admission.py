@@ -6,27 +6,26 @@ Run from the repository root, with RabbitMQ at ``AMQP_URL`` (default: guest on l
 
 Each round publishes ``--jobs`` messages one at a time with publisher confirms through
 plain aio-pika (the floor nothing can beat), then admits ``--jobs`` requests through
-``Admission.submit`` (validate against the manifest, write the SQLite ledger row, publish
-with a confirm; the "published" mark is written in the background). The requests come
-from ``USERS`` users of one tenant, whose limits are checked and reserved as a guild's
-are (every limit but the tenant's daily images is set, as in the defaults, high enough
-that nothing is refused). Rounds alternate, so
-both see the same machine; it prints the median rate of each and their ratio. Queues are
-deleted afterwards. With ``--concurrency N`` both sides keep N publishes (or submits) in
-flight at once, as a frontend does when many users submit together. It also prints the
-CPU time each side spends per job: in this whole process (the SQLite thread included)
-and on the event loop's thread alone. ``--ceiling`` adds a third side to each round, the
-best this design allows: each job validated, written as one row (one ``INSERT``, no
-history, no quota, no fair-release claim) through the same thread hop as the ledger's,
-then published with a confirm.
+``Admission.submit`` (validate against the manifest, write the SQLite ledger row,
+publish with a confirm; the "published" mark is written in the background). The requests
+come from ``USERS`` users of one tenant, whose limits are checked and reserved as a
+guild's are (every limit but the tenant's daily images is set, as in the defaults, high
+enough that nothing is refused). Rounds alternate, so both see the same machine; it
+prints the median rate of each and their ratio. Queues are deleted afterwards. With
+``--concurrency N`` both sides keep N publishes (or submits) in flight at once, as a
+frontend does when many users submit together. It also prints the CPU time each side
+spends per job: in this whole process (the SQLite thread included) and on the event
+loop's thread alone. ``--ceiling`` adds a third side to each round, the best this design
+allows: each job validated, written as one row (one ``INSERT``, no history, no quota, no
+fair-release claim) through the same thread hop as the ledger's, then published with a
+confirm.
 
 Between rounds (untimed) the queue is purged and the round's jobs are recorded as
-rendered (an ``accepted`` and a ``succeeded`` event each, through ``Ledger.apply``: their
-images charged), as in a frontend
-whose renderers keep up: there the jobs waiting at the broker are at most the fair
-window (about two per worker), and the window's count in each admission reads those
-only. Without it every round would admit behind all the earlier rounds' jobs, which no
-renderer ever takes here.
+rendered (an ``accepted`` and a ``succeeded`` event each, through ``Ledger.apply``:
+their images charged), as in a frontend whose renderers keep up: there the jobs waiting
+at the broker are at most the fair window (about two per worker), and the window's count
+in each admission reads those only. Without it every round would admit behind all the
+earlier rounds' jobs, which no renderer ever takes here.
 """
 
 from __future__ import annotations

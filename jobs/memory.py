@@ -276,6 +276,9 @@ class MemoryBroker(Broker):
     async def connect(self) -> None:
         self._connected = True
 
+    async def reconnected(self, timeout: float) -> bool:
+        return self._connected  # closed is closed: nothing reconnects in-process
+
     async def close(self) -> None:
         if not self._connected:
             return

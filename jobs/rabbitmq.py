@@ -207,14 +207,15 @@ class RabbitBroker(Broker):
             raise BrokerUnavailable(f"publish to {exchange!r} was not confirmed: {exc}") from exc
 
     async def reconnected(self, timeout: float) -> bool:
-        if self._publisher is None:
+        channel = self._publisher  # close() may clear it meanwhile
+        if channel is None:
             return False
         try:
             async with asyncio.timeout(timeout):
-                await self._publisher.ready()  # the connection back, the channel restored
+                await channel.ready()  # the connection back, the channel restored
         except TimeoutError:
             return False
-        return not self._publisher.is_closed
+        return not channel.is_closed
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> Subscription:
         connection = self._connection
