@@ -662,9 +662,15 @@ def _create_tables(db: sqlite_utils.Database) -> None:
             {"lane": str, "tenant": str, "user": str, "tenant_tag": int, "user_tag": int},
             pk=("lane", "tenant", "user"),
         )
-    if "idx_fair_tags_clock" not in {index.name for index in db.table("fair_tags").indexes}:
+    tag_indexes = {index.name for index in db.table("fair_tags").indexes}
+    if "idx_fair_tags_clock" not in tag_indexes:
         # The lane's clock (its largest tenant tag) without reading every user's row.
         db.table("fair_tags").create_index(["lane", "tenant_tag"], index_name="idx_fair_tags_clock")
+    if "idx_fair_tags_tenant" not in tag_indexes:
+        # A tenant's last release (_waiting_tags) without reading every user's row.
+        db.table("fair_tags").create_index(
+            ["lane", "tenant", "tenant_tag"], index_name="idx_fair_tags_tenant"
+        )
     quotas.create_tables(db)
 
 
@@ -719,7 +725,8 @@ def _claim(
 def _waiting_at_broker(db: sqlite_utils.Database, lane: str, stale: str | None = None) -> int:
     """This ledger's jobs of ``lane`` published (or claimed since ``stale``: being
     published now) and not yet taken by a renderer."""
-    return sum(_waiting_by_model(db, lane, stale).values())
+    (count,) = db.execute(*_waiting_query(lane, stale, by_model=False)).fetchone()
+    return int(count)
 
 
 def _waiting_by_model(
@@ -730,25 +737,33 @@ def _waiting_by_model(
     return {model: int(count) for model, count in rows}
 
 
-def _waiting_query(lane: str, stale: str | None) -> tuple[str, list[str]]:
-    """:func:`_waiting_by_model`'s query and its parameters. It reads two ranges of
-    ``idx_jobs_window``, the published jobs and those claimed since ``stale``: with
+def _waiting_query(lane: str, stale: str | None, *, by_model: bool = True) -> tuple[str, list[str]]:
+    """The count's query (per model, or in all) and its parameters. It reads two ranges
+    of ``idx_jobs_window``, the published jobs and those claimed since ``stale``: with
     "published = 1 OR claimed_at >= ?" SQLite would read every queued job of the lane,
-    the whole backlog that fair release holds, on every admission and release."""
+    the whole backlog that fair release holds, on every admission and release. The count
+    in all adds the two ranges' counts: grouping by model costs a sort in a temporary
+    b-tree, on every admission."""
     queued = [lane, JobStatus.QUEUED.value]
-    source = "SELECT model FROM jobs WHERE lane = ? AND status = ? AND published = 1"
-    params = queued
+    published = "FROM jobs WHERE lane = ? AND status = ? AND published = 1"
+    claimed = "FROM jobs WHERE lane = ? AND status = ? AND published = 0 AND claimed_at >= ?"
+    params = queued if stale is None else [*queued, *queued, stale]
+    if not by_model:
+        total = f"(SELECT COUNT(*) {published})"
+        if stale is not None:
+            total += f" + (SELECT COUNT(*) {claimed})"
+        return f"SELECT {total}", params
+    source = f"SELECT model {published}"
     if stale is not None:
-        source += (
-            " UNION ALL SELECT model FROM jobs "
-            "WHERE lane = ? AND status = ? AND published = 0 AND claimed_at >= ?"
-        )
-        params = [*queued, *queued, stale]
+        source += f" UNION ALL SELECT model {claimed}"
     return f"SELECT model, COUNT(*) FROM ({source}) GROUP BY model", params
 
 
-#: Up to this many tenants, the fair state reads their tags only; more, the lane's.
+#: Up to this many tenants with jobs waiting, the fair state looks up their tags; more,
+#: it reads the lane's.
 _TENANTS_PER_READ = 200
+#: Users looked up in one statement (SQLite's limit on parameters is 999 in old builds).
+_USERS_PER_READ = 500
 
 
 def _fair_state(
@@ -767,32 +782,62 @@ def _fair_state(
     ]
     if not waiting:
         return waiting, Tags(0, {}, {}, {})
-    # The order needs the lane's clock and the tags of the tenants that have jobs
-    # waiting, not every user the lane has served: read those tenants' rows only.
-    tenants = sorted({job.tenant for job in waiting})
-    rows = (
-        db.execute(
-            "SELECT tenant, user, tenant_tag, user_tag FROM fair_tags WHERE lane = ? "
-            f"AND tenant IN ({', '.join('?' for _ in tenants)})",
-            [lane, *tenants],
-        )
-        if len(tenants) <= _TENANTS_PER_READ
-        else db.execute(
-            "SELECT tenant, user, tenant_tag, user_tag FROM fair_tags WHERE lane = ?", [lane]
-        )
-    )
+    (lane_clock,) = db.execute(
+        "SELECT COALESCE(MAX(tenant_tag), 0) FROM fair_tags WHERE lane = ?", [lane]
+    ).fetchone()
+    users: dict[str, set[str]] = {}
+    for job in waiting:
+        users.setdefault(job.tenant, set()).add(job.user)
+    if len(users) > _TENANTS_PER_READ:
+        return waiting, _lane_tags(db, lane, int(lane_clock))
+    return waiting, _waiting_tags(db, lane, int(lane_clock), users)
+
+
+def _waiting_tags(
+    db: sqlite_utils.Database, lane: str, lane_clock: int, users: dict[str, set[str]]
+) -> Tags:
+    """The tags the order needs for ``users`` (tenant -> its users with jobs waiting):
+    each tenant's last release, and those users' own rows, not every user the lane has
+    served (a big guild has thousands). A tenant's tenant tags and user tags both grow
+    with each of its releases (``jobs/fairness.py``), so its last release's row holds its
+    last tenant tag and its clock: one step down ``idx_fair_tags_tenant``."""
     tenant_last: dict[str, int] = {}
     tenant_clock: dict[str, int] = {}
     user_last: dict[tuple[str, str], int] = {}
-    for tenant, user, last_tenant_tag, last_user_tag in rows.fetchall():
+    for tenant, names in users.items():
+        last = db.execute(
+            "SELECT tenant_tag, user_tag FROM fair_tags WHERE lane = ? AND tenant = ? "
+            "ORDER BY tenant_tag DESC LIMIT 1",
+            [lane, tenant],
+        ).fetchone()
+        if last is None:  # never served: no user of it was either
+            continue
+        tenant_last[tenant], tenant_clock[tenant] = int(last[0]), int(last[1])
+        ordered = sorted(names)
+        for at in range(0, len(ordered), _USERS_PER_READ):
+            chunk = ordered[at : at + _USERS_PER_READ]
+            for user, user_tag in db.execute(
+                "SELECT user, user_tag FROM fair_tags WHERE lane = ? AND tenant = ? "
+                f"AND user IN ({', '.join('?' for _ in chunk)})",
+                [lane, tenant, *chunk],
+            ).fetchall():
+                user_last[(tenant, str(user))] = int(user_tag)
+    return Tags(lane_clock, tenant_last, tenant_clock, user_last)
+
+
+def _lane_tags(db: sqlite_utils.Database, lane: str, lane_clock: int) -> Tags:
+    """Every tag ``lane``'s releases left (when very many tenants wait at once)."""
+    tenant_last: dict[str, int] = {}
+    tenant_clock: dict[str, int] = {}
+    user_last: dict[tuple[str, str], int] = {}
+    for tenant, user, last_tenant_tag, last_user_tag in db.execute(
+        "SELECT tenant, user, tenant_tag, user_tag FROM fair_tags WHERE lane = ?", [lane]
+    ).fetchall():
         key = (str(tenant), str(user))
         user_last[key] = int(last_user_tag)
         tenant_last[key[0]] = max(tenant_last.get(key[0], 0), int(last_tenant_tag))
         tenant_clock[key[0]] = max(tenant_clock.get(key[0], 0), int(last_user_tag))
-    (lane_clock,) = db.execute(
-        "SELECT COALESCE(MAX(tenant_tag), 0) FROM fair_tags WHERE lane = ?", [lane]
-    ).fetchone()
-    return waiting, Tags(int(lane_clock), tenant_last, tenant_clock, user_last)
+    return Tags(lane_clock, tenant_last, tenant_clock, user_last)
 
 
 def _history(

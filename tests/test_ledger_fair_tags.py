@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import sqlite_utils
 
 import jobs.ledger
 from jobs.ledger import Ledger
@@ -60,3 +61,57 @@ async def test_the_order_is_the_lanes_whichever_tags_are_read(
     t6 = [j.job_id for j in late if j.origin.tenant == "t6"]
     t3 = [j.job_id for j in [*early, *late] if j.origin.tenant == "t3"]
     assert targeted.index(t6[0]) < sorted(targeted.index(i) for i in t3 if i in targeted)[1]
+
+
+async def test_a_big_tenants_order_reads_the_waiting_users_tags_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A guild whose 300 users have all been served in the lane, and a small one. Then a
+    # few of the guild's users, one of its new users and the small guild's users wait.
+    early = [job(n, user=f"u{n}", tenant="big") for n in range(300)]
+    early += [job(300 + n, user=f"s{n % 2}", tenant="small") for n in range(4)]
+    late = [job(1000 + n, user=f"u{n * 37 % 300}", tenant="big") for n in range(6)]
+    late += [job(1010, user="newcomer", tenant="big")]
+    late += [job(1020 + n, user=f"s{n % 3}", tenant="small") for n in range(5)]
+    targeted, targeted_tags = await _releases(tmp_path / "a.sqlite3", early, late)
+    monkeypatch.setattr(jobs.ledger, "_TENANTS_PER_READ", 0)  # always the whole lane
+    whole, whole_tags = await _releases(tmp_path / "b.sqlite3", early, late)
+
+    assert len(targeted) == 304 - 7 + 12
+    assert targeted == whole
+    assert targeted_tags == whole_tags
+
+
+async def test_the_tags_are_looked_up_through_indexes() -> None:
+    ledger = Ledger(":memory:")
+    await ledger.open()
+    try:
+
+        def plans(db: sqlite_utils.Database) -> list[str]:
+            users = {"big": {"u1", "u2"}}
+            statements: list[str] = []
+            trace = db.conn.set_trace_callback
+            trace(statements.append)
+            try:
+                jobs.ledger._waiting_tags(db, "fast", 0, users)
+            finally:
+                trace(None)
+            return [
+                str(row[3])
+                for sql in statements
+                if sql.startswith("SELECT")
+                for row in db.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall()
+            ]
+
+        # No rows yet: the tenant's lookup finds nothing and no user is read; add one.
+        await ledger._run(
+            lambda db: db.execute(
+                "INSERT INTO fair_tags VALUES ('fast', 'big', 'u1', 3, 5)"
+            ).connection.commit()
+        )
+        found = await ledger._run(plans)
+    finally:
+        await ledger.close()
+    assert any("idx_fair_tags_tenant" in plan for plan in found), found
+    assert any("(lane=? AND tenant=? AND user=?)" in plan for plan in found), found
+    assert not any(plan.startswith("SCAN") for plan in found), found

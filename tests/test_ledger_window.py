@@ -54,18 +54,31 @@ async def test_the_count_is_the_published_and_the_freshly_claimed_only(tmp_path:
         by_model = await ledger._run(lambda db: _waiting_by_model(db, "fast", STALE))
         assert by_model == _per_model([*at_broker, *fresh_claims])
         assert await ledger._run(lambda db: _waiting_at_broker(db, "fast")) == len(at_broker)
+        in_all = await ledger._run(lambda db: _waiting_at_broker(db, "fast", STALE))
+        assert in_all == len(at_broker) + len(fresh_claims)
 
         # It reads index ranges of the published and of the claimed since the lapse,
         # never every queued job of the lane (the 28 held here, thousands in a backlog).
         for stale in (STALE, None):
-            searches = await ledger._run(partial(_index_searches, stale=stale))
-            assert searches and all("published=?" in search for search in searches), searches
+            for grouped in (True, False):
+                searches = await ledger._run(
+                    partial(_index_searches, stale=stale, by_model=grouped)
+                )
+                assert searches and all("published=?" in search for search in searches)
+                assert len(searches) == (1 if stale is None else 2), searches
+        # The count in all (every admission's) needs no sort.
+        plan = await ledger._run(partial(_plan, stale=STALE, by_model=False))
+        assert not any("TEMP B-TREE" in step for step in plan), plan
     finally:
         await ledger.close()
 
 
-def _index_searches(db: sqlite_utils.Database, stale: str | None) -> list[str]:
+def _plan(db: sqlite_utils.Database, stale: str | None, by_model: bool) -> list[str]:
+    """SQLite's plan for the count."""
+    sql, params = _waiting_query("fast", stale, by_model=by_model)
+    return [str(row[3]) for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()]
+
+
+def _index_searches(db: sqlite_utils.Database, stale: str | None, by_model: bool) -> list[str]:
     """What SQLite's plan for the count does with ``idx_jobs_window``."""
-    sql, params = _waiting_query("fast", stale)
-    plan = db.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()
-    return [str(row[3]) for row in plan if "idx_jobs_window" in str(row[3])]
+    return [step for step in _plan(db, stale, by_model) if "idx_jobs_window" in step]
