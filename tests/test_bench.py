@@ -95,7 +95,7 @@ def test_admission(amqp_url: str) -> None:
     out = run_bench(
         "bench.admission",
         amqp_url,
-        *("--jobs", "20", "--rounds", "2", "--concurrency", "4", "--ceiling"),
+        *("--jobs", "20", "--rounds", "2", "--concurrency", "4", "--ceiling", "--served", "30"),
     )
     raw = re.search(rf"^raw confirmed publish: median\s+{NUMBER} msg/s", out, re.MULTILINE)
     admitted = re.search(rf"^admission\s+: median\s+{NUMBER} jobs/s", out, re.MULTILINE)
