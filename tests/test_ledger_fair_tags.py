@@ -40,6 +40,19 @@ async def _releases(
         await ledger.close()
 
 
+async def _both_ways(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, early: list[Job], late: list[Job]
+) -> list[str]:
+    """The last release's order (:func:`_releases`) as the ledger reads the tags, checked
+    against the same with the whole lane's tags read: the same order, the same tags."""
+    targeted, targeted_tags = await _releases(folder / "a.sqlite3", early, late)
+    monkeypatch.setattr(jobs.ledger, "_TENANTS_PER_READ", 0)  # always the whole lane
+    whole, whole_tags = await _releases(folder / "b.sqlite3", early, late)
+    assert targeted == whole
+    assert targeted_tags == whole_tags
+    return targeted
+
+
 async def test_the_order_is_the_lanes_whichever_tags_are_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -49,13 +62,9 @@ async def test_the_order_is_the_lanes_whichever_tags_are_read(
     early = [job(n, user="u0", tenant="t0") for n in range(5)]
     early += [job(n, user=f"u{n % 3}", tenant=f"t{n % 5}") for n in range(5, 15)]
     late = [job(100 + n, user=f"u{n % 2}", tenant=f"t{n % 4 + 3}") for n in range(12)]
-    targeted, targeted_tags = await _releases(tmp_path / "a.sqlite3", early, late)
-    monkeypatch.setattr(jobs.ledger, "_TENANTS_PER_READ", 0)  # always the whole lane
-    whole, whole_tags = await _releases(tmp_path / "b.sqlite3", early, late)
+    targeted = await _both_ways(tmp_path, monkeypatch, early, late)
 
     assert len(targeted) == 15 - 7 + 12
-    assert targeted == whole
-    assert targeted_tags == whole_tags
     # A tenant served before comes back at the lane's round, not ahead of new ones:
     # the first of the late jobs from t6 (never served) is not behind t3's second.
     t6 = [j.job_id for j in late if j.origin.tenant == "t6"]
@@ -73,13 +82,9 @@ async def test_a_big_tenants_order_reads_the_waiting_users_tags_only(
     late = [job(1000 + n, user=f"u{n * 37 % 300}", tenant="big") for n in range(6)]
     late += [job(1010, user="newcomer", tenant="big")]
     late += [job(1020 + n, user=f"s{n % 3}", tenant="small") for n in range(5)]
-    targeted, targeted_tags = await _releases(tmp_path / "a.sqlite3", early, late)
-    monkeypatch.setattr(jobs.ledger, "_TENANTS_PER_READ", 0)  # always the whole lane
-    whole, whole_tags = await _releases(tmp_path / "b.sqlite3", early, late)
+    targeted = await _both_ways(tmp_path, monkeypatch, early, late)
 
     assert len(targeted) == 304 - 7 + 12
-    assert targeted == whole
-    assert targeted_tags == whole_tags
 
 
 async def test_the_tags_are_looked_up_through_indexes() -> None:
