@@ -366,6 +366,33 @@ async def test_a_cancelled_render_interrupts_its_prompt(
     assert await comfyui.wait_executed(1) == [job.job_id]
 
 
+async def test_a_job_back_while_its_interrupted_prompt_still_runs_renders_again(
+    comfyui: ComfyUIEmulator, backend_factory: BackendFactory
+) -> None:
+    # A worker that loses its broker connection stops its renders and the broker hands
+    # the jobs out again at once, here too. ComfyUI may still be running the prompt our
+    # interrupt has not reached yet: the new attempt must not attach to it and end as
+    # cancelled (CI saw that: "job.failed reason=cancelled" under connection cuts).
+    comfyui.step_seconds = 0.02
+    comfyui.interrupt_delay = 0.5  # it runs on for 25 of its 60 steps
+    backend = await backend_factory(comfyui.url)
+    reporter = RecordingReporter()
+    first = task(steps=60)
+    render = asyncio.create_task(backend.render(first, reporter))
+    await reporter.reached(1)
+    render.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await render
+    again = RenderTask(first.job_id, 2, first.workflow, first.graph, first.params)
+
+    result = await backend.render(again, RecordingReporter())
+
+    assert len(result.images) == 1
+    assert comfyui.interrupts == [{"prompt_id": first.job_id}]
+    assert len(comfyui.submitted) == 2
+    assert comfyui.executed == [first.job_id, first.job_id]
+
+
 async def test_a_redelivered_job_reuses_the_earlier_result(
     comfyui: ComfyUIEmulator, backend_factory: BackendFactory
 ) -> None:

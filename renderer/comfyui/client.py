@@ -30,6 +30,7 @@ import enum
 import json
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -77,6 +78,8 @@ HISTORY_POLL_SECONDS = 0.05
 END_GRACE_SECONDS = 10.0
 #: Previews queued for one run before newer ones are dropped (they are only hints).
 QUEUED_PREVIEWS = 2
+#: Prompts remembered as interrupted by this client for a run it gave up (the latest).
+ABANDONED_REMEMBERED = 1000
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -239,6 +242,10 @@ class ComfyUIClient:
         self._inboxes: dict[str, _Inbox] = {}
         self._executing: str | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
+        #: Prompts this client interrupted because their run was given up (cancelled, a
+        #: callback failed). A later run of the same id waits for such a prompt to end
+        #: instead of following it: ComfyUI applies an interrupt only at its next check.
+        self._abandoned: OrderedDict[str, None] = OrderedDict()
 
     @property
     def url(self) -> str:
@@ -729,7 +736,28 @@ class ComfyUIClient:
         except (RenderError, TimeoutError) as exc:
             log.warning("comfyui.stop_failed", prompt_id=prompt_id, why=why, error=str(exc))
         else:
+            if place == "running":
+                self._abandoned[prompt_id] = None
+                self._abandoned.move_to_end(prompt_id)
+                while len(self._abandoned) > ABANDONED_REMEMBERED:
+                    self._abandoned.popitem(last=False)
             log.info("comfyui.stopped", prompt_id=prompt_id, why=why, was=place)
+
+    async def _abandoned_ended(
+        self, prompt_id: str, seconds: float
+    ) -> tuple[Literal["done", "pending", "running"], dict[str, Any] | None] | None:
+        """Where ``prompt_id`` is once the interrupt we sent it has stopped it (see
+        ``_abandoned``): in the history, or nowhere. Raises :class:`PromptStalled` when
+        it still runs after ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while True:
+            found = await self._locate(prompt_id, settle=True)
+            if found is None or found[0] == "done":
+                self._abandoned.pop(prompt_id, None)
+                return found
+            if time.monotonic() >= deadline:
+                raise PromptStalled(prompt_id, seconds, None)
+            await asyncio.sleep(HISTORY_POLL_SECONDS)
 
     async def _forget(self, prompt_id: str) -> None:
         """Delete the prompt's history entry; a failure is logged, never raised."""
@@ -807,6 +835,8 @@ class _Run:
         self._outputs: dict[str, Any] = {}
         self._failure: RenderError | None = None
         self._interrupted = False
+        #: Frames are an earlier prompt's under this id until ``execution_start``.
+        self._stale = False
         self._stalled = False
         self._disconnected = False
         self._closing = False
@@ -819,6 +849,14 @@ class _Run:
         began = time.monotonic()
         if reuse:
             found = await client._locate(prompt_id, settle=False)
+            if found is not None and found[1] is None and prompt_id in client._abandoned:
+                # An earlier run here gave it up and interrupted it; following it would
+                # end this run as interrupted. Let it end, then reuse or submit afresh.
+                log.info("comfyui.waiting_for_interrupt", prompt_id=prompt_id, place=found[0])
+                found = await client._abandoned_ended(prompt_id, self._stall_seconds)
+                # Its last frames (the end frame comes after its history entry) may
+                # still arrive, under the same id: skip frames until this run's start.
+                self._stale = True
             if found is not None and found[1] is not None and _outcome(found[1])[0] == "success":
                 log.info("comfyui.reused", prompt_id=prompt_id)
                 self.submitted = self.ended = True
@@ -829,6 +867,7 @@ class _Run:
             elif found is not None:
                 log.info("comfyui.attached", prompt_id=prompt_id, place=found[0])
                 self.submitted = True
+        client._abandoned.pop(prompt_id, None)  # this run decides its fate now
         if not self.submitted:
             if self._inbox.cancel_requested:
                 raise PromptInterrupted(prompt_id, requested=True)
@@ -868,6 +907,10 @@ class _Run:
                 if entry is not None:
                     return entry
                 continue
+            if self._stale and isinstance(event, _Message | PreviewFrame):
+                if not (isinstance(event, _Message) and event.type == "execution_start"):
+                    continue
+                self._stale = False
             if isinstance(event, _Message):
                 if self._on_message(event):
                     return None

@@ -1658,9 +1658,9 @@ class ComfyUIEmulator:
     JSON body), ``loaded_models`` (name -> VRAM bytes, least recently used first),
     ``loads`` (every model load, in order), ``files`` ((type, subfolder,
     name) -> bytes: outputs, uploads). The knobs (``step_seconds``, ``history_delay``,
-    ``model_load_seconds``, ``resident_models``, ...), the model lists (``checkpoints``,
-    ``diffusion_models``, ``text_encoders``, ``vaes``, ``embeddings``; ``model_files`` by
-    folder for the other folders),
+    ``model_load_seconds``, ``resident_models``, ``interrupt_delay``, ...), the model
+    lists (``checkpoints``, ``diffusion_models``, ``text_encoders``, ``vaes``,
+    ``embeddings``; ``model_files`` by folder for the other folders),
     ``devices`` (``None``: one fake CUDA GPU of ``vram_total``), ``preview_method`` and
     ``argv`` can be changed at any time.
     """
@@ -1702,6 +1702,10 @@ class ComfyUIEmulator:
         self.submitted: list[dict[str, Any]] = []
         self.free_calls = 0
         self.interrupts: list[dict[str, Any] | None] = []
+        #: Seconds before a POST /interrupt takes effect. A real ComfyUI notices it only
+        #: at its next check (before a node, in a sampler step): a long step or an
+        #: uninterruptible node (a model load) keeps the prompt running meanwhile.
+        self.interrupt_delay = 0.0
         #: Set to a list to record ``(time.monotonic(), payload)`` of every binary frame
         #: (a preview) as it is written to a socket (``bench/preview_latency.py``).
         self.binary_frames_sent: list[tuple[float, bytes]] | None = None
@@ -2014,13 +2018,20 @@ class ComfyUIEmulator:
         if target:
             if any(item.prompt_id == target for item in self._running.values()):
                 log.info("Interrupting prompt %s", target)
-                self._interrupt.set()
+                self._interrupt_later()
             else:
                 log.info("Prompt %s is not currently running, skipping interrupt", target)
         else:
             log.info("Global interrupt (no prompt_id specified)")
-            self._interrupt.set()
+            self._interrupt_later()
         return web.Response(status=200)
+
+    def _interrupt_later(self) -> None:
+        """Raise the interrupt flag, after ``interrupt_delay``."""
+        if self.interrupt_delay > 0:
+            asyncio.get_running_loop().call_later(self.interrupt_delay, self._interrupt.set)
+        else:
+            self._interrupt.set()
 
     async def _post_free(self, request: web.Request) -> web.Response:
         try:
