@@ -45,6 +45,9 @@ async def test_connections_cut_under_load_lose_and_double_nothing(
     side = await stage.bot()
     for n in range(2):
         comfyui = await comfyui_factory(step_seconds=0.1)
+        # As a real ComfyUI, which stops a prompt at its next check: a job handed back
+        # at once may find its interrupted prompt still running.
+        comfyui.interrupt_delay = 0.3
         await stage.renderer(f"cut-{n}", comfyui=comfyui, retry_backoff_seconds=0.2)
     interactions = [await side.imagine(f"harbour number {n}") for n in range(JOBS)]
 
