@@ -1,7 +1,8 @@
 """The ``comfyui`` backend: renders bound workflows on a ComfyUI over HTTP and WebSocket.
 
 A job's id is its ComfyUI ``prompt_id``, so a redelivered job finds its earlier prompt
-(finished in the history, or still queued or running) instead of rendering twice.
+(finished in the history, or still queued or running) instead of rendering twice. One
+this renderer interrupted itself (it gave that run up) is waited out, not followed.
 Progress frames become ``report.progress``; preview frames are downscaled and re-encoded
 in a worker thread and passed to ``report.preview`` (the worker throttles them).
 
