@@ -348,19 +348,24 @@ async def test_cancel_of_an_unknown_prompt_does_nothing(
     assert comfyui.interrupts == []
 
 
+async def cancelled_render(backend: ComfyUIBackend, job: RenderTask) -> None:
+    """Start rendering ``job``, cancel the render once it made progress, see it end."""
+    reporter = RecordingReporter()
+    render = asyncio.create_task(backend.render(job, reporter))
+    await reporter.reached(1)
+    render.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await render
+
+
 async def test_a_cancelled_render_interrupts_its_prompt(
     comfyui: ComfyUIEmulator, backend_factory: BackendFactory
 ) -> None:
     comfyui.step_seconds = 0.02
     backend = await backend_factory(comfyui.url)
-    reporter = RecordingReporter()
     job = task(steps=150)
-    render = asyncio.create_task(backend.render(job, reporter))
-    await reporter.reached(1)
 
-    render.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await render
+    await cancelled_render(backend, job)
 
     assert comfyui.interrupts == [{"prompt_id": job.job_id}]
     assert await comfyui.wait_executed(1) == [job.job_id]
@@ -376,13 +381,8 @@ async def test_a_job_back_while_its_interrupted_prompt_still_runs_renders_again(
     comfyui.step_seconds = 0.02
     comfyui.interrupt_delay = 0.5  # it runs on for 25 of its 60 steps
     backend = await backend_factory(comfyui.url)
-    reporter = RecordingReporter()
     first = task(steps=60)
-    render = asyncio.create_task(backend.render(first, reporter))
-    await reporter.reached(1)
-    render.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await render
+    await cancelled_render(backend, first)
     again = RenderTask(first.job_id, 2, first.workflow, first.graph, first.params)
 
     result = await backend.render(again, RecordingReporter())
