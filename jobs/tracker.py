@@ -14,7 +14,7 @@ rendered twice) is dropped. So each watcher sees at most one terminal event per 
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 
@@ -25,6 +25,7 @@ from jobs.broker import Delivery, Subscription
 from jobs.bus import JobBus
 from jobs.ledger import Ledger
 from jobs.models import Event, Failed, Succeeded, parse_event
+from jobs.recent import RecentIds
 
 log = structlog.get_logger(__name__)
 
@@ -82,7 +83,7 @@ class JobTracker:
         self._listeners: list[Listener] = []
         self._last: dict[str, tuple[int, int]] = {}
         self._recent: dict[str, deque[Event]] = {}
-        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._finished = RecentIds(REMEMBERED_FINISHED)
         self._subscription: Subscription | None = None
         # Deliveries run in tasks of their own; this lock (FIFO) keeps them in queue order.
         self._in_order = asyncio.Lock()
@@ -124,7 +125,7 @@ class JobTracker:
 
     def reopen(self, job_id: str) -> None:
         """Forget that ``job_id`` ended: an admin retried it, its new events are news."""
-        self._finished.pop(job_id, None)
+        self._finished.discard(job_id)
         self._last.pop(job_id, None)
         self._recent.pop(job_id, None)
 
@@ -173,9 +174,7 @@ class JobTracker:
         if event.terminal:
             self._last.pop(event.job_id, None)
             self._recent.pop(event.job_id, None)
-            self._finished[event.job_id] = None
-            if len(self._finished) > REMEMBERED_FINISHED:
-                self._finished.popitem(last=False)
+            self._finished.add(event.job_id)
         else:
             self._last[event.job_id] = order
             self._recent.setdefault(event.job_id, deque(maxlen=REPLAY)).append(event)

@@ -26,7 +26,6 @@ import functools
 import itertools
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from jobs.models import (
     Succeeded,
     WorkerState,
 )
+from jobs.recent import RecentIds
 from renderer.affinity import ModelAffinity
 from renderer.backends.base import Backend, RenderTask
 from renderer.exceptions import InvalidWorkflow, RenderError
@@ -293,7 +293,7 @@ class Worker:
         self._subscriptions: list[Subscription] = []
         self._running: set[asyncio.Task[Any]] = set()
         self._renders: dict[str, asyncio.Task[tuple[list[Output], dict[str, float]]]] = {}
-        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._cancelled = RecentIds(REMEMBERED_CANCELS)
         self._idle = asyncio.Event()
         self._idle.set()
         self._state = WorkerState.IDLE
@@ -426,7 +426,7 @@ class Worker:
             log.warning("control.malformed", error=str(exc)[:300])
         else:
             if message.action is ControlAction.CANCEL and message.job_id:
-                self._remember_cancel(message.job_id)
+                self._cancelled.add(message.job_id)
                 render = self._renders.get(message.job_id)
                 if render is not None:
                     log.info("job.cancelling", job_id=message.job_id, by=message.requested_by)
@@ -442,12 +442,6 @@ class Worker:
     def _serves(self, message: Control) -> bool:
         """A wake for a lane this renderer serves and a model it can load."""
         return message.lane in self._settings.lanes and message.model in self._affine_models()
-
-    def _remember_cancel(self, job_id: str) -> None:
-        self._cancelled[job_id] = None
-        self._cancelled.move_to_end(job_id)
-        while len(self._cancelled) > REMEMBERED_CANCELS:
-            self._cancelled.popitem(last=False)
 
     def _affine_models(self) -> list[str]:
         """The model files this renderer's backend can load, for model affinity."""

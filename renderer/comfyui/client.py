@@ -30,7 +30,6 @@ import enum
 import json
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,6 +38,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
+from jobs.recent import RecentIds
 from renderer.comfyui.exceptions import (
     ComfyUIUnavailable,
     PromptInterrupted,
@@ -245,7 +245,7 @@ class ComfyUIClient:
         #: Prompts this client interrupted because their run was given up (cancelled, a
         #: callback failed). A later run of the same id waits for such a prompt to end
         #: instead of following it: ComfyUI applies an interrupt only at its next check.
-        self._abandoned: OrderedDict[str, None] = OrderedDict()
+        self._abandoned = RecentIds(ABANDONED_REMEMBERED)
 
     @property
     def url(self) -> str:
@@ -737,10 +737,7 @@ class ComfyUIClient:
             log.warning("comfyui.stop_failed", prompt_id=prompt_id, why=why, error=str(exc))
         else:
             if place == "running":
-                self._abandoned[prompt_id] = None
-                self._abandoned.move_to_end(prompt_id)
-                while len(self._abandoned) > ABANDONED_REMEMBERED:
-                    self._abandoned.popitem(last=False)
+                self._abandoned.add(prompt_id)
             log.info("comfyui.stopped", prompt_id=prompt_id, why=why, was=place)
 
     async def _abandoned_ended(
@@ -753,7 +750,7 @@ class ComfyUIClient:
         while True:
             found = await self._locate(prompt_id, settle=True)
             if found is None or found[0] == "done":
-                self._abandoned.pop(prompt_id, None)
+                self._abandoned.discard(prompt_id)
                 return found
             if time.monotonic() >= deadline:
                 raise PromptStalled(prompt_id, seconds, None)
@@ -867,7 +864,7 @@ class _Run:
             elif found is not None:
                 log.info("comfyui.attached", prompt_id=prompt_id, place=found[0])
                 self.submitted = True
-        client._abandoned.pop(prompt_id, None)  # this run decides its fate now
+        client._abandoned.discard(prompt_id)  # this run decides its fate now
         if not self.submitted:
             if self._inbox.cancel_requested:
                 raise PromptInterrupted(prompt_id, requested=True)
