@@ -74,9 +74,9 @@ def request(n: int) -> JobRequest:
     return JobRequest(workflow="sd15-txt2img", prompt=f"a lighthouse at dusk #{n}", seed=n)
 
 
-def origin(n: int) -> Origin:
-    """Who sends the n-th request."""
-    return Origin(frontend="api", reply_to="bench", tenant=TENANT, user=f"user{n % USERS}")
+def origin(n: int, user: str | None = None) -> Origin:
+    """Who sends the n-th request: one of ``USERS`` in turn, or ``user``."""
+    return Origin(frontend="api", reply_to="bench", tenant=TENANT, user=user or f"user{n % USERS}")
 
 
 async def in_parallel(jobs: int, concurrency: int, one: Callable[[int], Awaitable[None]]) -> float:
@@ -179,7 +179,7 @@ async def serve(admission: Admission, ledger: Ledger, queue: str, users: int) ->
         admitted = await admission.submit(
             request(n),
             idempotency_key=str(uuid.uuid4()),
-            origin=Origin(frontend="api", reply_to="bench", tenant=TENANT, user=f"served{n}"),
+            origin=origin(n, user=f"served{n}"),
         )
         job_ids.append(admitted.job.job_id)
 
