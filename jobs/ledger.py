@@ -37,7 +37,7 @@ from jobs.models import (
     parse_event,
     utcnow,
 )
-from jobs.sql import SqliteFile, immediate, insert_row
+from jobs.sql import FileBusy, SqliteFile, immediate, insert_row
 
 T = TypeVar("T")
 
@@ -106,11 +106,11 @@ class Ledger:
         self._marking: asyncio.Task[None] | None = None
         #: Set by :meth:`flush`: write what is confirmed now, without waiting for more.
         self._hurry = asyncio.Event()
-        #: Admissions waiting for the next transaction (:meth:`admit`), and its writer.
+        #: Admissions waiting for the next transaction (:meth:`admit`): written at the
+        #: loop's next turn (``_turn``), or by the writer task when one is under way.
         self._admits: list[_Admit] = []
+        self._turn: asyncio.Handle | None = None
         self._admitting: asyncio.Task[None] | None = None
-        #: An admission transaction is under way (a caller's own, or the writer's).
-        self._writing = False
         #: tenant -> (when read, its stored limits, EVERYONE's) (:meth:`quota`).
         self._quotas: dict[
             str, tuple[float, quotas.QuotaSettings | None, quotas.QuotaSettings | None]
@@ -120,6 +120,9 @@ class Ledger:
         await self._file.open()
 
     async def close(self) -> None:
+        if self._turn is not None:  # admissions of this turn of the loop: write them first
+            self._turn.cancel()
+            self._write_turn()
         while self._admitting is not None and not self._admitting.done():
             await asyncio.shield(self._admitting)
         await self.flush()
@@ -141,60 +144,57 @@ class Ledger:
         lane may publish now (:meth:`release`), so an admission that has room costs no
         transaction more than before fair release.
 
-        Admissions that arrive while one is being written share the next transaction
-        (group commit), each in a savepoint of its own: a burst of submits pays one
-        thread hop and one commit, and one admission's refusal (its quota, a repeated
-        key) leaves the others written. A caller cancelled before its admission is taken
-        into a transaction leaves nothing written."""
-        entry = _Admit(job, quota, window, asyncio.get_running_loop().create_future())
-        if self._writing:  # a transaction is under way: join the next one
-            self._admits.append(entry)
-            return await entry.done
-        # None is: write this one now, without handing it to the writer task.
-        self._writing = True
+        The admissions of one turn of the event loop share one transaction (group
+        commit), each in a savepoint of its own: a burst of submits pays one commit, and
+        one admission's refusal (its quota, a repeated key) leaves the others written.
+        That transaction runs on the loop's thread when the file is free
+        (:meth:`SqliteFile.run_now`), else in a worker thread, where the admissions that
+        come meanwhile wait for the next one. A caller cancelled before its admission is
+        taken into a transaction leaves nothing written."""
+        loop = asyncio.get_running_loop()
+        entry = _Admit(job, quota, window, loop.create_future())
+        self._admits.append(entry)
+        if self._turn is None and (self._admitting is None or self._admitting.done()):
+            self._turn = loop.call_soon(self._write_turn)
+        return await entry.done
+
+    def _write_turn(self) -> None:
+        """Write the admissions waiting, here and now if the file is free, else hand them
+        to a writer task (a worker thread)."""
+        self._turn = None
+        batch = self._waiting_admits()
+        if not batch:
+            return
         try:
-            (result,) = await self._run(partial(self._admit_all, batch=[entry]))
-        finally:
-            self._writing = False
-            if self._admits:  # they came while this one was written
-                self._admitting = asyncio.create_task(self._admit_batches(), name="ledger-admits")
-        if isinstance(result, Exception):
-            raise result
-        return result
+            results = self._file.run_now(partial(self._admit_all, batch=batch))
+        except FileBusy:
+            self._admits[:0] = batch
+            self._admitting = asyncio.create_task(self._admit_batches(), name="ledger-admits")
+        except Exception as exc:  # noqa: BLE001 - every admission of the batch gets it
+            _answer(batch, exc)
+        else:
+            _answer(batch, results)
+
+    def _waiting_admits(self) -> list[_Admit]:
+        """The admissions waiting whose callers still wait (the others are dropped)."""
+        batch = [entry for entry in self._admits if not entry.done.done()]
+        self._admits = []
+        return batch
 
     async def _admit_batches(self) -> None:
-        """Write the admissions waiting, a transaction per batch, until none is left."""
-        self._writing = True
-        try:
-            while self._admits:
-                batch = [entry for entry in self._admits if not entry.done.done()]
-                self._admits = []
-                if batch:
-                    await self._write_batch(batch)
-        finally:
-            self._writing = False
-
-    async def _write_batch(self, batch: list[_Admit]) -> None:
-        try:
-            results = await self._run(partial(self._admit_all, batch=batch))
-        except BaseException as exc:
-            for entry in batch:
-                if entry.done.done():
-                    continue
-                if isinstance(exc, asyncio.CancelledError):
+        """Write the admissions waiting, a transaction per batch in a worker thread, until
+        none is left."""
+        while batch := self._waiting_admits():
+            try:
+                results = await self._run(partial(self._admit_all, batch=batch))
+            except asyncio.CancelledError:
+                for entry in batch:
                     entry.done.cancel()
-                else:
-                    entry.done.set_exception(exc)
-            if isinstance(exc, asyncio.CancelledError):
                 raise
-            return
-        for entry, result in zip(batch, results, strict=True):
-            if entry.done.done():  # its caller was cancelled meanwhile
-                continue
-            if isinstance(result, Exception):
-                entry.done.set_exception(result)
+            except Exception as exc:  # noqa: BLE001 - every admission of the batch gets it
+                _answer(batch, exc)
             else:
-                entry.done.set_result(result)
+                _answer(batch, results)
 
     def _admit_all(
         self, db: sqlite_utils.Database, batch: list[_Admit]
@@ -600,6 +600,22 @@ class Ledger:
                 return quotas.reset_user(db, tenant, user, utcnow())
 
         return await self._run(reset)
+
+
+def _answer(
+    batch: list[_Admit],
+    results: list[tuple[JobRecord, bool, Claim] | Exception] | Exception,
+) -> None:
+    """Give each admission of ``batch`` its result or error (all the same error when the
+    transaction failed), unless its caller stopped waiting."""
+    for at, entry in enumerate(batch):
+        if entry.done.done():  # its caller was cancelled meanwhile
+            continue
+        result = results if isinstance(results, Exception) else results[at]
+        if isinstance(result, Exception):
+            entry.done.set_exception(result)
+        else:
+            entry.done.set_result(result)
 
 
 def _create_tables(db: sqlite_utils.Database) -> None:

@@ -3,6 +3,14 @@
 The ledger, the API's tables and the bot's message store all live in the same file, each
 through a :class:`SqliteFile`. sqlite3 blocks, so every call runs in a worker thread,
 one at a time under a lock. WAL lets the connections read while one writes.
+
+Two exceptions keep the hot path short (``docs/architecture.md``, "The ledger's file"):
+
+- A short write transaction its caller waits for (an admission) may run on the event
+  loop's thread itself (:meth:`SqliteFile.run_now`) when nothing makes it wait: the hop
+  to a worker thread and back costs more than such a transaction.
+- No call checkpoints the WAL (copies its pages into the file, then waits for the disk):
+  a second connection does, in a worker thread, every :data:`CHECKPOINT_CALLS` calls.
 """
 
 from __future__ import annotations
@@ -16,8 +24,28 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlite_utils
+import structlog
 
 T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
+
+#: How long a call in a worker thread waits for another connection's write lock.
+BUSY_TIMEOUT_MS = 5000
+
+#: A checkpoint (in a worker thread, on a connection of its own) after this many calls:
+#: the WAL then holds about this many transactions' pages (an admission writes about 20).
+CHECKPOINT_CALLS = 50
+
+_WAIT = f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}"
+_NO_WAIT = "PRAGMA busy_timeout = 0"
+
+#: SQLite's primary result code for "database is locked" (extended codes add high bits).
+SQLITE_BUSY = 5
+
+
+class FileBusy(Exception):
+    """:meth:`SqliteFile.run_now` would have to wait: run the call with :meth:`SqliteFile.run`."""
 
 
 class SqliteFile:
@@ -31,6 +59,14 @@ class SqliteFile:
         self._setup = setup
         self._lock = threading.Lock()
         self._db: sqlite_utils.Database | None = None
+        #: The WAL's checkpoints (:meth:`_checkpoint`): their connection, the calls since
+        #: the last one began, and the one in flight.
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpointer_lock = threading.Lock()
+        self._calls = 0
+        self._checkpointing: asyncio.Future[None] | None = None
+        #: The connection's busy timeout is BUSY_TIMEOUT_MS (else 0: run_now's).
+        self._waits = True
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open)
@@ -44,7 +80,11 @@ class SqliteFile:
             # WAL with NORMAL stays consistent on a crash; a power cut may lose the last
             # commits (the broker still holds those jobs).
             db.execute("PRAGMA synchronous = NORMAL")
-        db.execute("PRAGMA busy_timeout = 5000")
+            # Checkpoints are _checkpoint's: one at a commit would stall that caller
+            # (several ms), on the event loop when it runs there.
+            db.execute("PRAGMA wal_autocheckpoint = 0")
+            self._checkpointer = sqlite3.connect(self.path, check_same_thread=False)
+        db.execute(_WAIT)
         # Temporary data in memory: each admission's savepoint (Ledger.admit) otherwise
         # creates, writes and deletes a sub-journal file in /var/tmp, about 0.1 ms a job.
         db.execute("PRAGMA temp_store = MEMORY")
@@ -60,19 +100,78 @@ class SqliteFile:
                 db, self._db = self._db, None
                 if db is not None:
                     db.conn.close()
+            with self._checkpointer_lock:
+                checkpointer, self._checkpointer = self._checkpointer, None
+                if checkpointer is not None:
+                    checkpointer.close()
 
         await asyncio.to_thread(close)
 
     async def run(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run ``fn`` with the connection in a worker thread, one call at a time."""
+        self._count_call()
 
         def locked() -> T:
             with self._lock:
                 if self._db is None:
                     raise RuntimeError(f"{self._name} is not open")
+                if not self._waits:
+                    self._db.execute(_WAIT)
+                    self._waits = True
                 return fn(self._db)
 
         return await asyncio.to_thread(locked)
+
+    def run_now(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run ``fn``, a short write transaction (:func:`immediate`) its caller waits for,
+        here on the event loop's thread, if it need not wait: no other call holds the
+        connection, and the file's write lock is free (it is not waited for). Raises
+        :class:`FileBusy` otherwise, with nothing written: the caller then goes through
+        :meth:`run`. No commit here checkpoints the WAL, so such a call writes the WAL
+        (the page cache) and never waits for the disk."""
+        self._count_call()
+        if not self._lock.acquire(blocking=False):
+            raise FileBusy(f"{self._name} is in use")
+        try:
+            db = self._db
+            if db is None:
+                raise RuntimeError(f"{self._name} is not open")
+            if self._waits:
+                db.execute(_NO_WAIT)
+                self._waits = False
+            try:
+                return fn(db)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != SQLITE_BUSY:
+                    raise
+                if db.conn.in_transaction:  # a commit refused: nothing written
+                    db.conn.rollback()
+                raise FileBusy(f"{self._name} is locked by another connection") from exc
+        finally:
+            self._lock.release()
+
+    def _count_call(self) -> None:
+        self._calls += 1
+        if self._calls >= CHECKPOINT_CALLS and self._checkpointer is not None:
+            self._start_checkpoint()
+
+    def _start_checkpoint(self) -> None:
+        """Checkpoint in a worker thread, unless one is under way."""
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        self._calls = 0
+        self._checkpointing = asyncio.get_running_loop().run_in_executor(None, self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        """Copy what the WAL holds into the file, as far as readers allow (``PASSIVE``: it
+        waits for no connection, and writers go on meanwhile)."""
+        with self._checkpointer_lock:
+            if self._checkpointer is None:  # closed
+                return
+            try:
+                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:  # the next one goes on from where this one stopped
+                log.warning("sqlite.checkpoint_failed", file=self._name, error=str(exc))
 
 
 def insert_row(db: sqlite_utils.Database, table: str, row: dict[str, Any]) -> None:
