@@ -26,7 +26,7 @@ import sqlite_utils
 import structlog
 
 from jobs import quotas
-from jobs.fairness import Tags, Waiting, fair_order
+from jobs.fairness import Release, Tags, Waiting, fair_order
 from jobs.models import (
     Accepted,
     Event,
@@ -199,7 +199,10 @@ class Ledger:
     def _admit_all(
         self, db: sqlite_utils.Database, batch: list[_Admit]
     ) -> list[tuple[JobRecord, bool, Claim] | Exception]:
-        """One transaction, a savepoint per admission: what each admission gets."""
+        """One transaction, a savepoint per admission (one alone needs none: its refusal
+        rolls the transaction back): what each admission gets."""
+        if len(batch) == 1:
+            return [self._admit_one(db, batch[0])]
         results: list[tuple[JobRecord, bool, Claim] | Exception] = []
         with immediate(db):
             for entry in batch:
@@ -215,10 +218,32 @@ class Ledger:
                     results.append(result)
         return results
 
+    def _admit_one(
+        self, db: sqlite_utils.Database, entry: _Admit
+    ) -> tuple[JobRecord, bool, Claim] | Exception:
+        db.execute("BEGIN IMMEDIATE")  # "database is locked" is the caller's to handle
+        try:
+            result = self._insert(db, entry)
+        except Exception as exc:  # noqa: BLE001 - the admission's own answer
+            db.conn.rollback()
+            return self._refused(db, entry.job, exc)
+        except BaseException:
+            db.conn.rollback()
+            raise
+        db.execute("COMMIT")
+        return result
+
     def _insert(self, db: sqlite_utils.Database, entry: _Admit) -> tuple[JobRecord, bool, Claim]:
         job = entry.job
         moment = utcnow()
         now = moment.isoformat()
+        if entry.quota is not None:
+            quotas.reserve(db, job, entry.quota, moment)
+        claim, release = (
+            (Claim([], False), None)
+            if entry.window is None
+            else _claim(db, job.lane, entry.window, moment, self.per_model, job)
+        )
         insert_row(
             db,
             "jobs",
@@ -237,25 +262,23 @@ class Ledger:
                 "model": job.model,
                 "created_at": job.created_at.isoformat(),
                 "updated_at": now,
+                # Claimed by this transaction's release (_claim): written so at once.
+                "claimed_at": None if release is None else now,
+                "tenant_tag": None if release is None else release.tenant_tag,
+                "user_tag": None if release is None else release.user_tag,
             },
         )
         _history(db, job.job_id, JobStatus.QUEUED, now, None)
-        if entry.quota is not None:
-            quotas.reserve(db, job, entry.quota, moment)
-        claim = (
-            Claim([], False)
-            if entry.window is None
-            else _claim(db, job.lane, entry.window, moment, self.per_model, job)
-        )
         # The row as written, without reading it back (admission's hot path).
         return JobRecord(job, JobStatus.QUEUED, False, None, None, None, moment), True, claim
 
     def _refused(
         self, db: sqlite_utils.Database, job: Job, error: Exception
     ) -> tuple[JobRecord, bool, Claim] | Exception:
-        """An admission rolled back: the job admitted before under its key, if that was
-        why, else the error for its caller."""
-        if not isinstance(error, sqlite3.IntegrityError):
+        """An admission rolled back: the job admitted before under its key, if there is
+        one (a repeated key; or a retry the first admission's reservation now puts over
+        a limit), else the error for its caller."""
+        if not isinstance(error, sqlite3.IntegrityError | quotas.QuotaExceeded):
             return error
         rows = list(db.table("jobs").rows_where("idempotency_key = ?", [job.idempotency_key]))
         if not rows:
@@ -347,7 +370,8 @@ class Ledger:
 
         def release(db: sqlite_utils.Database) -> Claim:
             with immediate(db):
-                return _claim(db, lane, window, utcnow(), self.per_model)
+                claim, _ = _claim(db, lane, window, utcnow(), self.per_model)
+                return claim
 
         return await self._run(release)
 
@@ -697,45 +721,58 @@ def _claim(
     moment: datetime,
     per_model: bool = False,
     admitted: Job | None = None,
-) -> Claim:
+) -> tuple[Claim, Release | None]:
     """Inside a transaction: claim, in fair order, the held jobs of ``lane`` the window
     (``per_model``: each model's window) has room for, giving each its tags
-    (``jobs/fairness.py``). ``admitted``: the job this transaction inserted, whose record
-    needs no reading back."""
+    (``jobs/fairness.py``). ``admitted``: a job this transaction is about to insert (its
+    row is not written yet): it is held with the others, and when it is claimed its
+    release comes back too, for the caller to write its row claimed (one write, not an
+    insert and an update)."""
     stale = (moment - timedelta(seconds=CLAIM_SECONDS)).isoformat()
+    new = None if admitted is None else _held(admitted)
     if per_model:
         rooms = {
             model: window - count for model, count in _waiting_by_model(db, lane, stale).items()
         }
-        waiting, tags = _fair_state(db, lane, stale)
+        waiting, tags = _fair_state(db, lane, stale, new)
         order = fair_order(waiting, tags, room=rooms, default_room=window)
         more = len(waiting) > len(order) > 0
     else:
         room = window - _waiting_at_broker(db, lane, stale)
         if room <= 0:
-            return Claim([], False)
-        waiting, tags = _fair_state(db, lane, stale)
+            return Claim([], False), None
+        waiting, tags = _fair_state(db, lane, stale, new)
         order = fair_order(waiting, tags, limit=room)
         more = len(waiting) > len(order) and len(order) == room
+    held = {job.job_id: job for job in waiting}
+    own: Release | None = None
+    records: list[JobRecord] = []
     for release in order:
+        job = held[release.job_id]
+        db.execute(
+            "INSERT INTO fair_tags (lane, tenant, user, tenant_tag, user_tag) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (lane, tenant, user) DO UPDATE SET "
+            "tenant_tag = excluded.tenant_tag, user_tag = excluded.user_tag",
+            [lane, job.tenant, job.user, release.tenant_tag, release.user_tag],
+        )
+        if admitted is not None and release.job_id == admitted.job_id:
+            own = release
+            records.append(JobRecord(admitted, JobStatus.QUEUED, False, None, None, None, moment))
+            continue
         db.execute(
             "UPDATE jobs SET claimed_at = ?, tenant_tag = ?, user_tag = ? WHERE job_id = ?",
             [moment.isoformat(), release.tenant_tag, release.user_tag, release.job_id],
         )
-        db.execute(
-            "INSERT INTO fair_tags (lane, tenant, user, tenant_tag, user_tag) "
-            "SELECT lane, COALESCE(tenant, ''), COALESCE(user, ''), ?, ? FROM jobs "
-            "WHERE job_id = ? ON CONFLICT (lane, tenant, user) DO UPDATE SET "
-            "tenant_tag = excluded.tenant_tag, user_tag = excluded.user_tag",
-            [release.tenant_tag, release.user_tag, release.job_id],
-        )
-    records = [
-        JobRecord(admitted, JobStatus.QUEUED, False, None, None, None, moment)
-        if admitted is not None and release.job_id == admitted.job_id
-        else _record(_row(db, release.job_id))
-        for release in order
-    ]
-    return Claim(records, more)
+        records.append(_record(_row(db, release.job_id)))
+    return Claim(records, more), own
+
+
+def _held(job: Job) -> Waiting:
+    """``job`` as the fair order sees a held job (as :func:`_fair_state` reads one)."""
+    origin = job.origin
+    return Waiting(
+        job.job_id, origin.tenant or "", origin.user or "", job.created_at.isoformat(), job.model
+    )
 
 
 def _waiting_at_broker(db: sqlite_utils.Database, lane: str, stale: str | None = None) -> int:
@@ -783,10 +820,11 @@ _USERS_PER_READ = 500
 
 
 def _fair_state(
-    db: sqlite_utils.Database, lane: str, stale: str | None = None
+    db: sqlite_utils.Database, lane: str, stale: str | None = None, new: Waiting | None = None
 ) -> tuple[list[Waiting], Tags]:
     """What :func:`~jobs.fairness.fair_order` needs for ``lane``: the held jobs (with
-    ``stale``, claimed ones only when their claim is older), and the tags releases left."""
+    ``stale``, claimed ones only when their claim is older; ``new``, one not written yet),
+    and the tags releases left."""
     claimable = "" if stale is None else " AND (claimed_at IS NULL OR claimed_at < ?)"
     waiting = [
         Waiting(job_id, tenant or "", user or "", created_at, model)
@@ -796,6 +834,8 @@ def _fair_state(
             [lane, JobStatus.QUEUED.value, *([] if stale is None else [stale])],
         ).fetchall()
     ]
+    if new is not None:
+        waiting.append(new)
     if not waiting:
         return waiting, Tags(0, {}, {}, {})
     (lane_clock,) = db.execute(

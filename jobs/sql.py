@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -178,9 +179,14 @@ def insert_row(db: sqlite_utils.Database, table: str, row: dict[str, Any]) -> No
     """INSERT with the row's columns as given. Inside ``db.atomic()`` it is part of that
     transaction (a job row with its quota reservation); ``Table.insert`` would first
     look at the table's schema and may add columns."""
-    columns = ", ".join(f"[{column}]" for column in row)
-    marks = ", ".join("?" for _ in row)
-    db.execute(f"INSERT INTO [{table}] ({columns}) VALUES ({marks})", list(row.values()))
+    db.execute(_insert_sql(table, tuple(row)), list(row.values()))
+
+
+@functools.cache
+def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    """The INSERT of these columns (a few shapes, each built once: an admission makes three)."""
+    names = ", ".join(f"[{column}]" for column in columns)
+    return f"INSERT INTO [{table}] ({names}) VALUES ({', '.join('?' for _ in columns)})"
 
 
 @contextlib.contextmanager

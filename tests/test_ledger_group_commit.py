@@ -108,3 +108,26 @@ async def test_admissions_while_another_connection_writes_wait_in_a_thread(
             assert await ledger.get_by_key(f"job-{n}") is not None
     finally:
         await ledger.close()
+
+
+async def test_a_retry_alone_gets_its_job_though_its_reservation_fills_the_limit(
+    tmp_path: Path,
+) -> None:
+    """The first admission's own reservation puts a retry of it over the user's limit:
+    the retry still gets the job admitted first, not a refusal."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    await ledger.open()
+    one_at_a_time = QuotaSettings(concurrent_per_user=1)
+    try:
+        first = job(0, user="ann")
+        record, created, _ = await ledger.admit(first, one_at_a_time, window=10)
+        again = first.model_copy(update={"job_id": "another-id"})  # same idempotency key
+        repeated, created_again, claim = await ledger.admit(again, one_at_a_time, window=10)
+        assert created and not created_again
+        assert repeated.job.job_id == record.job.job_id == first.job_id
+        assert claim.records == []
+        with pytest.raises(QuotaExceeded):  # another job of ann's is refused
+            await ledger.admit(job(1, user="ann"), one_at_a_time, window=10)
+        assert await ledger.get("another-id") is None
+    finally:
+        await ledger.close()
