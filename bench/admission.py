@@ -2,7 +2,8 @@
 
 Run from the repository root, with RabbitMQ at ``AMQP_URL`` (default: guest on loopback)::
 
-    .venv/bin/python -m bench.admission [--jobs 500] [--rounds 5] [--concurrency 1] [--served 0]
+    .venv/bin/python -m bench.admission [--jobs 500] [--rounds 5] [--concurrency 1] \\
+        [--served 0] [--ceiling] [--lag]
 
 Each round publishes ``--jobs`` messages one at a time with publisher confirms through
 plain aio-pika (the floor nothing can beat), then admits ``--jobs`` requests through
@@ -14,13 +15,18 @@ enough that nothing is refused). Rounds alternate, so both see the same machine;
 prints the median rate of each and their ratio. Queues are deleted afterwards. With
 ``--concurrency N`` both sides keep N publishes (or submits) in flight at once, as a
 frontend does when many users submit together. It also prints the CPU time each side
-spends per job: in this whole process (the SQLite thread included) and on the event
+spends per job: in this whole process (worker threads included) and on the event
 loop's thread alone. ``--ceiling`` adds a third side to each round, the best this design
 allows: each job validated, written as one row (one ``INSERT``, no history, no quota, no
-fair-release claim) through the same thread hop as the ledger's, then published with a
-confirm. ``--served N`` first admits one job for each of N other users of the tenant and
-has them taken (untimed), as in a big guild whose members have used the bot before:
-the fair order remembers each of them.
+fair-release claim) the way the ledger writes (on the event loop when the file is free,
+else in a worker thread), then published with a confirm. ``--served N`` first admits one
+job for each of N other users of the tenant and has them taken (untimed), as in a big
+guild whose members have used the bot before: the fair order remembers each of them.
+``--lag`` also measures how long the event loop is held (the admission's transaction
+runs on it when the file is free): a task on the loop sleeps 1 ms over and over during
+each side, and the bench prints how late it woke (p50, p99, the longest; the loop's
+timers round up to the millisecond, so read the longest, not the p50). Its ticks cost
+both sides a little: leave it out for the ratio.
 
 Between rounds (untimed) the queue is purged and the round's jobs are recorded as
 rendered (an ``accepted`` and a ``succeeded`` event each, through ``Ledger.apply``:
@@ -39,8 +45,8 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import aio_pika
@@ -54,7 +60,7 @@ from jobs.models import Accepted, JobRequest, Origin, Output, Succeeded
 from jobs.quotas import QuotaSettings
 from jobs.rabbitmq import RabbitBroker
 from jobs.settings import FairSettings
-from jobs.sql import SqliteFile, immediate, insert_row
+from jobs.sql import FileBusy, SqliteFile, immediate, insert_row
 from jobs.topology import build_topology
 from workflows import Catalog
 
@@ -132,8 +138,8 @@ async def ceiling_rate(
     admission: Admission, bus: JobBus, scratch: SqliteFile, jobs: int, concurrency: int = 1
 ) -> float:
     """What the design allows at best: each job validated, written as one row in a
-    transaction through the same SQLite thread hop as the ledger's, then published with
-    a confirm (``--ceiling``). Jobs per second."""
+    transaction the way the ledger writes (``SqliteFile.run_now``, else a worker thread),
+    then published with a confirm (``--ceiling``). Jobs per second."""
 
     async def one(n: int) -> None:
         job = admission.validate(
@@ -146,7 +152,10 @@ async def ceiling_rate(
             with immediate(db):
                 insert_row(db, "jobs", {"job_id": job.job_id, "job_json": job.model_dump_json()})
 
-        await scratch.run(write)
+        try:
+            scratch.run_now(write)
+        except FileBusy:
+            await scratch.run(write)
         await bus.submit(job)
 
     return await in_parallel(jobs, concurrency, one)
@@ -188,8 +197,40 @@ async def serve(admission: Admission, ledger: Ledger, queue: str, users: int) ->
     await taken(ledger, queue, job_ids)
 
 
+@asynccontextmanager
+async def loop_lag(samples: list[float] | None) -> AsyncIterator[None]:
+    """With ``samples``: meanwhile, a task sleeps :data:`LAG_TICK` over and over, and how
+    late it wakes each time is appended (``--lag``)."""
+    if samples is None:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+
+    async def tick() -> None:
+        while True:
+            began = loop.time()
+            await asyncio.sleep(LAG_TICK)
+            samples.append(loop.time() - began - LAG_TICK)
+
+    ticker = asyncio.create_task(tick(), name="loop-lag")
+    try:
+        yield
+    finally:
+        ticker.cancel()
+        await asyncio.gather(ticker, return_exceptions=True)
+
+
+#: How long ``--lag``'s task sleeps between looking at the clock.
+LAG_TICK = 0.001
+
+
 async def main(
-    jobs: int, rounds: int, concurrency: int, ceiling: bool = False, served: int = 0
+    jobs: int,
+    rounds: int,
+    concurrency: int,
+    ceiling: bool = False,
+    served: int = 0,
+    lag: bool = False,
 ) -> None:
     topology = build_topology(["fast"], prefix=f"bench{uuid.uuid4().hex[:8]}")
     broker = RabbitBroker(URL, topology, name="bench")
@@ -215,15 +256,22 @@ async def main(
         # CPU per job of this process (every thread) and of its event loop's thread alone.
         raw_cpu: list[tuple[float, float]] = []
         admitted_cpu: list[tuple[float, float]] = []
+        # How late the --lag task woke, during each side.
+        raw_lag: list[float] = []
+        admitted_lag: list[float] = []
         try:
             for _ in range(rounds):
-                with cpu_per_job(raw_cpu, jobs):
-                    raw.append(
-                        await raw_rate(jobs, topology.jobs_exchange, sample.to_wire(), concurrency)
-                    )
-                with cpu_per_job(admitted_cpu, jobs):
-                    rate, job_ids = await admission_rate(admission, jobs, concurrency)
-                    await ledger.flush()  # the round's "published" marks are its work too
+                async with loop_lag(raw_lag if lag else None):
+                    with cpu_per_job(raw_cpu, jobs):
+                        raw.append(
+                            await raw_rate(
+                                jobs, topology.jobs_exchange, sample.to_wire(), concurrency
+                            )
+                        )
+                async with loop_lag(admitted_lag if lag else None):
+                    with cpu_per_job(admitted_cpu, jobs):
+                        rate, job_ids = await admission_rate(admission, jobs, concurrency)
+                        await ledger.flush()  # the round's "published" marks are its work too
                 admitted.append(rate)
                 if ceiling:
                     best.append(await ceiling_rate(admission, bus, scratch, jobs, concurrency))
@@ -259,7 +307,7 @@ async def main(
     if best:
         ceilings = [c / r for c, r in zip(best, raw, strict=True)]
         print(
-            f"ceiling (one-row transaction, same thread hop): median "
+            f"ceiling (one-row transaction, written as the ledger writes): median "
             f"{statistics.median(best):.1f} jobs/s, ratio per round median "
             f"{statistics.median(ceilings):.2f} (rounds: {', '.join(f'{c:.2f}' for c in ceilings)})"
         )
@@ -267,6 +315,14 @@ async def main(
         process = statistics.median(sample[0] for sample in samples) * 1000
         loop = statistics.median(sample[1] for sample in samples) * 1000
         print(f"CPU per job, {name:9s}: {process:.3f} ms in all, {loop:.3f} ms on the loop")
+    for name, late in (("raw", raw_lag), ("admission", admitted_lag)):
+        if late:
+            late.sort()
+            print(
+                f"loop lag, {name:9s}: p50 {late[len(late) // 2] * 1000:.2f} ms, p99 "
+                f"{late[int(len(late) * 0.99)] * 1000:.2f} ms, longest {late[-1] * 1000:.2f} ms "
+                f"({len(late)} ticks)"
+            )
 
 
 @contextmanager
@@ -291,7 +347,7 @@ if __name__ == "__main__":
         "--ceiling",
         action="store_true",
         help="also time the best the design allows: validate, a one-row transaction "
-        "through the same SQLite thread hop, a confirmed publish",
+        "written as the ledger writes, a confirmed publish",
     )
     parser.add_argument(
         "--served",
@@ -299,6 +355,11 @@ if __name__ == "__main__":
         default=0,
         help="users of the tenant served once before the rounds (a big guild's history)",
     )
+    parser.add_argument(
+        "--lag",
+        action="store_true",
+        help="also measure how late a 1 ms sleep on the event loop wakes, during each side",
+    )
     args = parser.parse_args()
     quiet_logs()
-    asyncio.run(main(args.jobs, args.rounds, args.concurrency, args.ceiling, args.served))
+    asyncio.run(main(args.jobs, args.rounds, args.concurrency, args.ceiling, args.served, args.lag))

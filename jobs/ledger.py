@@ -6,7 +6,8 @@ is appended to ``job_history``. Terminal states are final: a second terminal eve
 a job (a redelivered job rendered twice) changes nothing and is reported as such, which
 is how frontends show exactly one result per job.
 
-sqlite3 blocks, so every call runs in a worker thread, one at a time.
+sqlite3 blocks, so every call runs in a worker thread, one at a time, but an admission's
+transaction, which runs on the event loop when nothing makes it wait (``jobs/sql.py``).
 """
 
 from __future__ import annotations

@@ -34,9 +34,12 @@ log = structlog.get_logger(__name__)
 #: How long a call in a worker thread waits for another connection's write lock.
 BUSY_TIMEOUT_MS = 5000
 
-#: A checkpoint (in a worker thread, on a connection of its own) after this many calls:
-#: the WAL then holds about this many transactions' pages (an admission writes about 20).
-CHECKPOINT_CALLS = 50
+#: A checkpoint (in a worker thread, on a connection of its own) after this many calls.
+#: An admission writes about 17 pages, most of them the same from one admission to the
+#: next (each table's and index's last leaf): a checkpoint copies each page once, so
+#: rarer checkpoints copy less (SQLite's default, 1,000 pages, is one every ~60
+#: admissions). The WAL then holds up to about 35 MB.
+CHECKPOINT_CALLS = 500
 
 _WAIT = f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}"
 _NO_WAIT = "PRAGMA busy_timeout = 0"
