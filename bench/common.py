@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-
-import structlog
-
+from brigade.logs import configure_logging
 from tests.fixtures.s3server import weed_binary
 
 
 def quiet_logs() -> None:
-    """Only warnings and errors, from the standard library and from structlog."""
-    logging.basicConfig(level=logging.WARNING)
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    """Only warnings and errors, from the standard library and from structlog, set up as
+    the services set it up (``brigade/logs.py``)."""
+    configure_logging("warning")
 
 
 def require_weed() -> str:

@@ -35,7 +35,10 @@ def configure_logging(
             logging.getLevelNamesMapping()[level.upper()]
         ),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
+        # Each module's logger is built on its first call, not on every call (structlog's
+        # advice for production): a job's path logs several times, level filtered or not.
+        # Call this before anything logs (the CLI's first step).
+        cache_logger_on_first_use=True,
     )
     # Libraries log through the standard library: keep them at warning, on stderr.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)

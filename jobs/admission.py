@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import structlog
 
@@ -228,12 +228,12 @@ class Admission:
             held=not published,
             seconds=round(time.perf_counter() - started, 4),
         )
-        return Admitted(job, True, replace(record, published=published))
+        return Admitted(job, True, record.as_published() if published else record)
 
     async def _again(self, record: JobRecord) -> Admitted:
         # Held, or its first submit died before the confirm: release what has room.
         if not record.published and record.job.job_id in await self.release(record.job.lane):
-            record = replace(record, published=True)
+            record = record.as_published()
         return Admitted(record.job, False, record)
 
     def window(self, lane: str) -> int:

@@ -89,6 +89,18 @@ class JobRecord:
     terminal: Succeeded | Failed | None
     updated_at: datetime
 
+    def as_published(self) -> JobRecord:
+        """This record, published (``dataclasses.replace`` costs more on the hot path)."""
+        return JobRecord(
+            self.job,
+            self.status,
+            True,
+            self.attempt,
+            self.worker_id,
+            self.terminal,
+            self.updated_at,
+        )
+
 
 class Ledger:
     """The jobs table and its history, in one SQLite file (``:memory:`` for tests)."""

@@ -19,6 +19,7 @@ import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -121,6 +122,9 @@ class RabbitBroker(Broker):
         self._timeout = timeout
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
+        #: The publisher channel's exchanges by name, made once (each publish looks up the
+        #: robust channel's current underlying channel itself).
+        self._exchanges: dict[str, AbstractExchange] = {}
         #: A channel for passive declares (queue depths, consumers), opened when first
         #: needed and again after a missing queue closed it: opening a channel per look
         #: races aiormq's channel numbers under load ("expected 'channel.open'").
@@ -146,10 +150,12 @@ class RabbitBroker(Broker):
             raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc}") from exc
         assert isinstance(channel, AbstractRobustChannel)
         self._publisher = channel
+        self._exchanges = {}
         log.info("broker.connected", broker="rabbitmq", name=self._name)
 
     async def close(self) -> None:
         connection, self._connection, self._publisher = self._connection, None, None
+        self._exchanges = {}
         self._inspector = None
         if connection is not None:
             await connection.close()
@@ -194,7 +200,11 @@ class RabbitBroker(Broker):
             headers=dict(headers or {}),
         )
         try:
-            target = await channel.get_exchange(exchange, ensure=False)
+            target = self._exchanges.get(exchange)
+            if target is None:
+                target = self._exchanges[exchange] = await channel.get_exchange(
+                    exchange, ensure=False
+                )
             await target.publish(message, routing_key, mandatory=mandatory, timeout=self._timeout)
         except aiormq.exceptions.PublishError as exc:
             frame = exc.frame
