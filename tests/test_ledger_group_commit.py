@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
-from jobs.ledger import Ledger
+from jobs.ledger import INLINE_HELD, Ledger
 from jobs.models import Job
 from jobs.quotas import QuotaExceeded, QuotaSettings
 from tests.fixtures.jobs import job
@@ -129,5 +130,41 @@ async def test_a_retry_alone_gets_its_job_though_its_reservation_fills_the_limit
         with pytest.raises(QuotaExceeded):  # another job of ann's is refused
             await ledger.admit(job(1, user="ann"), one_at_a_time, window=10)
         assert await ledger.get("another-id") is None
+    finally:
+        await ledger.close()
+
+
+async def test_admissions_behind_a_long_backlog_are_written_in_a_thread(
+    tmp_path: Path,
+) -> None:
+    """A claim reads every held job of its lane (with model affinity's per-model windows,
+    on every admission: 23 ms at 10,000). Once a lane's last claim read more than
+    ``INLINE_HELD``, its admissions are written in a worker thread, not on the loop; once
+    the backlog is gone, on the loop again."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3", per_model=True)
+    await ledger.open()
+    threads: set[int] = set()
+    ledger._file._db.conn.set_trace_callback(  # type: ignore[union-attr]
+        lambda _: threads.add(threading.get_ident())
+    )
+    loop_thread = threading.get_ident()
+
+    async def written_by(n: int, window: int) -> set[int]:
+        threads.clear()
+        await ledger.admit(job(n, "a.safetensors"), window=window)
+        return set(threads)
+
+    try:
+        assert await written_by(0, window=0) == {loop_thread}  # held: the window is 0
+        for n in range(1, INLINE_HELD + 1):
+            await ledger.admit(job(n, "a.safetensors"), window=0)
+        # The last one's claim read INLINE_HELD + 1 held jobs.
+        assert loop_thread not in await written_by(INLINE_HELD + 1, window=0)
+        claim = await ledger.release("fast", INLINE_HELD + 10)  # every held job goes
+        assert len(claim.records) == INLINE_HELD + 2
+        # The release read them all, so the next admission still goes to a thread; its
+        # claim finds one held job (itself), and the one after is on the loop again.
+        assert loop_thread not in await written_by(INLINE_HELD + 2, window=0)
+        assert await written_by(INLINE_HELD + 3, window=0) == {loop_thread}
     finally:
         await ledger.close()
