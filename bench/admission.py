@@ -45,14 +45,14 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aio_pika
 import sqlite_utils
 
-from bench.common import quiet_logs
+from bench.common import loop_lag, quiet_logs
 from jobs.admission import Admission
 from jobs.bus import JobBus
 from jobs.ledger import Ledger
@@ -195,33 +195,6 @@ async def serve(admission: Admission, ledger: Ledger, queue: str, users: int) ->
     await in_parallel(users, 16, submit)
     await ledger.flush()
     await taken(ledger, queue, job_ids)
-
-
-@asynccontextmanager
-async def loop_lag(samples: list[float] | None) -> AsyncIterator[None]:
-    """With ``samples``: meanwhile, a task sleeps :data:`LAG_TICK` over and over, and how
-    late it wakes each time is appended (``--lag``)."""
-    if samples is None:
-        yield
-        return
-    loop = asyncio.get_running_loop()
-
-    async def tick() -> None:
-        while True:
-            began = loop.time()
-            await asyncio.sleep(LAG_TICK)
-            samples.append(loop.time() - began - LAG_TICK)
-
-    ticker = asyncio.create_task(tick(), name="loop-lag")
-    try:
-        yield
-    finally:
-        ticker.cancel()
-        await asyncio.gather(ticker, return_exceptions=True)
-
-
-#: How long ``--lag``'s task sleeps between looking at the clock.
-LAG_TICK = 0.001
 
 
 async def main(

@@ -3,15 +3,18 @@
 Run from the repository root::
 
     .venv/bin/python -m bench.backlog [--backlogs 0,1000,10000] [--window 16] [--samples 300]
+        [--per-model]
 
 For each backlog size a fresh ledger (an SQLite file in a temporary folder) holds that
 many jobs from 200 users of 10 tenants, and ``--window`` jobs are released and confirmed,
 so the window is full, as in a frontend whose users submit faster than its renderers
-take jobs. Then it times, in the ledger's thread (the hop from the event loop and back
-included):
+take jobs. Then it times, from the event loop:
 
 * **admit**: ``Ledger.admit`` of a new job with the window full (the job is held: the
-  insert, its history row, the quota-free path, and the window's count);
+  insert, its history row, the quota-free path, and the window's count; with
+  ``--per-model``, model affinity's windows per model, every held job and the order
+  too); meanwhile, how late a 1 ms sleep on the loop wakes (the admission's transaction
+  runs on the loop when its lane's backlog is short, ``jobs/sql.py``);
 * **release**: a renderer takes one published job (an ``accepted`` event, untimed), and
   ``Ledger.release`` claims the next job in fair order (the window's count, the held
   jobs and the tags read, the claim written; its publish is not part of this).
@@ -28,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import loop_lag
 from jobs.ledger import Ledger
 from jobs.models import Accepted, Job, Origin
 
@@ -49,9 +53,12 @@ def _quantiles(samples: list[float]) -> str:
     return f"median {statistics.median(ordered) * 1000:7.3f} ms, p90 {p90 * 1000:7.3f} ms"
 
 
-async def measure(backlog: int, window: int, samples: int) -> tuple[list[float], list[float]]:
+async def measure(
+    backlog: int, window: int, samples: int, per_model: bool = False
+) -> tuple[list[float], list[float], list[float]]:
+    """Admissions' and releases' times, and how late the loop ran during the admissions."""
     with tempfile.TemporaryDirectory() as folder:
-        ledger = Ledger(Path(folder) / "ledger.sqlite3")
+        ledger = Ledger(Path(folder) / "ledger.sqlite3", per_model=per_model)
         await ledger.open()
         try:
             for n in range(backlog + window):
@@ -64,10 +71,12 @@ async def measure(backlog: int, window: int, samples: int) -> tuple[list[float],
             await ledger.flush()
 
             admits: list[float] = []
-            for n in range(samples):
-                began = time.perf_counter()
-                await ledger.admit(_job(1_000_000 + n), window=window)
-                admits.append(time.perf_counter() - began)
+            late: list[float] = []
+            async with loop_lag(late):
+                for n in range(samples):
+                    began = time.perf_counter()
+                    await ledger.admit(_job(1_000_000 + n), window=window)
+                    admits.append(time.perf_counter() - began)
 
             releases: list[float] = []
             for _ in range(samples):
@@ -80,16 +89,19 @@ async def measure(backlog: int, window: int, samples: int) -> tuple[list[float],
                     ledger.confirmed(record.job.job_id)
                     published.append(record.job.job_id)
                 await ledger.flush()
-            return admits, releases
+            return admits, releases, late
         finally:
             await ledger.close()
 
 
-async def main(backlogs: list[int], window: int, samples: int) -> None:
-    print(f"window {window}, {samples} samples each")
+async def main(backlogs: list[int], window: int, samples: int, per_model: bool = False) -> None:
+    print(f"window {window}{' per model' if per_model else ''}, {samples} samples each")
     for backlog in backlogs:
-        admits, releases = await measure(backlog, window, samples)
-        print(f"backlog {backlog:6d}: admit   {_quantiles(admits)}")
+        admits, releases, late = await measure(backlog, window, samples, per_model)
+        print(
+            f"backlog {backlog:6d}: admit   {_quantiles(admits)}; the loop ran up to "
+            f"{max(late, default=0) * 1000:.2f} ms late"
+        )
         print(f"{'':15s} release {_quantiles(releases)}")
 
 
@@ -98,5 +110,12 @@ if __name__ == "__main__":
     parser.add_argument("--backlogs", default="0,1000,10000")
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument(
+        "--per-model",
+        action="store_true",
+        help="windows per model, as with model affinity (the services' default)",
+    )
     args = parser.parse_args()
-    asyncio.run(main([int(b) for b in args.backlogs.split(",")], args.window, args.samples))
+    asyncio.run(
+        main([int(b) for b in args.backlogs.split(",")], args.window, args.samples, args.per_model)
+    )

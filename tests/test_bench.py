@@ -96,6 +96,7 @@ def test_admission(amqp_url: str) -> None:
         "bench.admission",
         amqp_url,
         *("--jobs", "20", "--rounds", "2", "--concurrency", "4", "--ceiling", "--served", "30"),
+        "--lag",
     )
     raw = re.search(rf"^raw confirmed publish: median\s+{NUMBER} msg/s", out, re.MULTILINE)
     admitted = re.search(rf"^admission\s+: median\s+{NUMBER} jobs/s", out, re.MULTILINE)
@@ -110,12 +111,28 @@ def test_admission(amqp_url: str) -> None:
             rf"^CPU per job, {side}\s*: {NUMBER} ms in all, {NUMBER} ms on the loop$", out, re.M
         )
         assert cpu is not None and float(cpu.group(1)) >= float(cpu.group(2)) > 0, out
+        lag = re.search(
+            rf"^loop lag, {side}\s*: p50 {NUMBER} ms, p99 {NUMBER} ms, longest {NUMBER} ms "
+            r"\((\d+) ticks\)$",
+            out,
+            re.M,
+        )
+        assert lag is not None, out
+        assert float(lag.group(1)) <= float(lag.group(2)) <= float(lag.group(3)), out
+        assert int(lag.group(4)) > 0, out
 
 
-def test_backlog(amqp_url: str) -> None:
-    out = run_bench("bench.backlog", amqp_url, *("--backlogs", "0,50", "--samples", "10"))
+@pytest.mark.parametrize("per_model", [False, True])
+def test_backlog(amqp_url: str, per_model: bool) -> None:
+    out = run_bench(
+        "bench.backlog",
+        amqp_url,
+        *("--backlogs", "0,50", "--samples", "10"),
+        *(["--per-model"] if per_model else []),
+    )
     rows = re.findall(
-        rf"^(?:backlog\s+(\d+):|\s+) (admit|release)\s+median\s+{NUMBER} ms, p90\s+{NUMBER} ms$",
+        rf"^(?:backlog\s+(\d+):|\s+) (admit|release)\s+median\s+{NUMBER} ms, p90\s+{NUMBER} ms"
+        rf"(?:; the loop ran up to {NUMBER} ms late)?$",
         out,
         re.MULTILINE,
     )
@@ -125,7 +142,8 @@ def test_backlog(amqp_url: str) -> None:
         ("50", "admit"),
         ("", "release"),
     ], out
-    assert all(0 < float(median) <= float(p90) for *_, median, p90 in rows), out
+    assert all(0 < float(median) <= float(p90) for _, _, median, p90, _ in rows), out
+    assert [late != "" for *_, late in rows] == [True, False, True, False], out
 
 
 def test_affinity(amqp_url: str) -> None:
