@@ -38,7 +38,7 @@ from jobs.models import (
     parse_event,
     utcnow,
 )
-from jobs.sql import FileBusy, SqliteFile, immediate, insert_row
+from jobs.sql import FileBusy, SqliteFile, commit, immediate, insert_row
 
 T = TypeVar("T")
 
@@ -198,7 +198,7 @@ class Ledger:
         except Exception as exc:  # noqa: BLE001 - every admission of the batch gets it
             _answer(batch, exc)
         else:
-            self._answer(batch, results)
+            self._deliver(batch, results)
 
     def _to_writer(self, batch: list[_Admit]) -> None:
         """Have the writer task write ``batch`` (and what comes meanwhile) in a thread."""
@@ -224,12 +224,13 @@ class Ledger:
             except Exception as exc:  # noqa: BLE001 - every admission of the batch gets it
                 _answer(batch, exc)
             else:
-                self._answer(batch, results)
+                self._deliver(batch, results)
 
-    def _answer(
+    def _deliver(
         self, batch: list[_Admit], results: list[tuple[JobRecord, bool, Claim] | Exception]
     ) -> None:
-        """:func:`_answer`, remembering how many held jobs each lane's claim read."""
+        """Answer each admission (:func:`_answer`), remembering how many held jobs each
+        lane's claim read (:data:`INLINE_HELD`)."""
         for entry, result in zip(batch, results, strict=True):
             if not isinstance(result, Exception) and result[2].held is not None:
                 self._held[entry.job.lane] = result[2].held
@@ -269,7 +270,7 @@ class Ledger:
         except BaseException:
             db.conn.rollback()
             raise
-        db.execute("COMMIT")
+        commit(db)
         return result
 
     def _insert(self, db: sqlite_utils.Database, entry: _Admit) -> tuple[JobRecord, bool, Claim]:

@@ -109,6 +109,8 @@ class SqliteFile:
                 if checkpointer is not None:
                     checkpointer.close()
 
+        if self._checkpointing is not None:  # one under way: let it end first
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
         await asyncio.to_thread(close)
 
     async def run(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
@@ -148,7 +150,7 @@ class SqliteFile:
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode & 0xFF != SQLITE_BUSY:
                     raise
-                if db.conn.in_transaction:  # a commit refused: nothing written
+                if db.conn.in_transaction:  # fn left it open: nothing may stay written
                     db.conn.rollback()
                 raise FileBusy(f"{self._name} is locked by another connection") from exc
         finally:
@@ -206,4 +208,14 @@ def immediate(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
     except BaseException:
         db.conn.rollback()
         raise
-    db.execute("COMMIT")
+    commit(db)
+
+
+def commit(db: sqlite_utils.Database) -> None:
+    """COMMIT, or roll back when the commit fails (a full disk, an I/O error): the
+    transaction must not stay open under the next caller's ``BEGIN``."""
+    try:
+        db.execute("COMMIT")
+    except BaseException:
+        db.conn.rollback()
+        raise

@@ -153,3 +153,28 @@ async def test_a_worker_thread_checkpoints_the_wal_every_so_many_calls(
 def _size(path: Path) -> int:
     """The database file's size, without its WAL (a stat: too short to hand a thread)."""
     return path.stat().st_size
+
+
+async def test_a_commit_that_fails_leaves_no_transaction_open(file: SqliteFile) -> None:
+    """A COMMIT can fail (here a deferred foreign key; a full disk in the field): the
+    transaction is rolled back, so the next caller's ``BEGIN`` works."""
+
+    def setup(db: sqlite_utils.Database) -> None:
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("CREATE TABLE parents (id INTEGER PRIMARY KEY)")
+        db.execute(
+            "CREATE TABLE children (parent INTEGER REFERENCES parents (id) "
+            "DEFERRABLE INITIALLY DEFERRED)"
+        )
+
+    def orphan(db: sqlite_utils.Database) -> None:
+        with immediate(db):
+            db.execute("INSERT INTO children (parent) VALUES (7)")  # checked at COMMIT
+
+    await file.run(setup)
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+        await file.run(orphan)
+    assert await file.run(lambda db: db.conn.in_transaction) is False
+    _, count = file.run_now(_insert(1))
+    assert count == 1
+    assert await file.run(lambda db: db.execute("SELECT COUNT(*) FROM children").fetchone()) == (0,)
