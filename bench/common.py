@@ -25,10 +25,14 @@ def require_weed() -> str:
     return weed
 
 
+#: How long :func:`loop_lag`'s task sleeps between looking at the clock.
+LAG_TICK = 0.001
+
+
 @asynccontextmanager
 async def loop_lag(samples: list[float] | None) -> AsyncIterator[None]:
     """With ``samples``: meanwhile, a task sleeps :data:`LAG_TICK` over and over, and how
-    late it wakes each time is appended (``--lag``)."""
+    late it wakes each time is appended (``bench.admission --lag``, ``bench.backlog``)."""
     if samples is None:
         yield
         return
@@ -46,7 +50,3 @@ async def loop_lag(samples: list[float] | None) -> AsyncIterator[None]:
     finally:
         ticker.cancel()
         await asyncio.gather(ticker, return_exceptions=True)
-
-
-#: How long ``--lag``'s task sleeps between looking at the clock.
-LAG_TICK = 0.001

@@ -196,9 +196,9 @@ class Ledger:
         except FileBusy:
             self._to_writer(batch)
         except Exception as exc:  # noqa: BLE001 - every admission of the batch gets it
-            _answer(batch, exc)
+            self._answer(batch, exc)
         else:
-            self._deliver(batch, results)
+            self._answer(batch, results)
 
     def _to_writer(self, batch: list[_Admit]) -> None:
         """Have the writer task write ``batch`` (and what comes meanwhile) in a thread."""
@@ -222,19 +222,28 @@ class Ledger:
                     entry.done.cancel()
                 raise
             except Exception as exc:  # noqa: BLE001 - every admission of the batch gets it
-                _answer(batch, exc)
+                self._answer(batch, exc)
             else:
-                self._deliver(batch, results)
+                self._answer(batch, results)
 
-    def _deliver(
-        self, batch: list[_Admit], results: list[tuple[JobRecord, bool, Claim] | Exception]
+    def _answer(
+        self,
+        batch: list[_Admit],
+        results: list[tuple[JobRecord, bool, Claim] | Exception] | Exception,
     ) -> None:
-        """Answer each admission (:func:`_answer`), remembering how many held jobs each
-        lane's claim read (:data:`INLINE_HELD`)."""
-        for entry, result in zip(batch, results, strict=True):
+        """Give each admission of ``batch`` its result or error (all the same error when
+        the transaction failed), unless its caller stopped waiting; remember how many
+        held jobs each lane's claim read (:data:`INLINE_HELD`)."""
+        for at, entry in enumerate(batch):
+            result = results if isinstance(results, Exception) else results[at]
             if not isinstance(result, Exception) and result[2].held is not None:
                 self._held[entry.job.lane] = result[2].held
-        _answer(batch, results)
+            if entry.done.done():  # its caller was cancelled meanwhile
+                continue
+            if isinstance(result, Exception):
+                entry.done.set_exception(result)
+            else:
+                entry.done.set_result(result)
 
     def _admit_all(
         self, db: sqlite_utils.Database, batch: list[_Admit]
@@ -669,22 +678,6 @@ class Ledger:
         return await self._run(reset)
 
 
-def _answer(
-    batch: list[_Admit],
-    results: list[tuple[JobRecord, bool, Claim] | Exception] | Exception,
-) -> None:
-    """Give each admission of ``batch`` its result or error (all the same error when the
-    transaction failed), unless its caller stopped waiting."""
-    for at, entry in enumerate(batch):
-        if entry.done.done():  # its caller was cancelled meanwhile
-            continue
-        result = results if isinstance(results, Exception) else results[at]
-        if isinstance(result, Exception):
-            entry.done.set_exception(result)
-        else:
-            entry.done.set_result(result)
-
-
 def _create_tables(db: sqlite_utils.Database) -> None:
     if "jobs" not in db.table_names():
         db.table("jobs").create(
@@ -772,7 +765,7 @@ def _claim(
     release comes back too, for the caller to write its row claimed (one write, not an
     insert and an update)."""
     stale = (moment - timedelta(seconds=CLAIM_SECONDS)).isoformat()
-    new = None if admitted is None else _held(admitted)
+    new = None if admitted is None else _as_waiting(admitted)
     if per_model:
         rooms = {
             model: window - count for model, count in _waiting_by_model(db, lane, stale).items()
@@ -787,11 +780,11 @@ def _claim(
         waiting, tags = _fair_state(db, lane, stale, new)
         order = fair_order(waiting, tags, limit=room)
         more = len(waiting) > len(order) and len(order) == room
-    held = {job.job_id: job for job in waiting}
+    by_id = {job.job_id: job for job in waiting}
     own: Release | None = None
     records: list[JobRecord] = []
     for release in order:
-        job = held[release.job_id]
+        job = by_id[release.job_id]
         db.execute(
             "INSERT INTO fair_tags (lane, tenant, user, tenant_tag, user_tag) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (lane, tenant, user) DO UPDATE SET "
@@ -810,7 +803,7 @@ def _claim(
     return Claim(records, more, len(waiting)), own
 
 
-def _held(job: Job) -> Waiting:
+def _as_waiting(job: Job) -> Waiting:
     """``job`` as the fair order sees a held job (as :func:`_fair_state` reads one)."""
     origin = job.origin
     return Waiting(

@@ -119,12 +119,11 @@ class SqliteFile:
 
         def locked() -> T:
             with self._lock:
-                if self._db is None:
-                    raise RuntimeError(f"{self._name} is not open")
+                db = self._connection()
                 if not self._waits:
-                    self._db.execute(_WAIT)
+                    db.execute(_WAIT)
                     self._waits = True
-                return fn(self._db)
+                return fn(db)
 
         return await asyncio.to_thread(locked)
 
@@ -139,9 +138,7 @@ class SqliteFile:
         if not self._lock.acquire(blocking=False):
             raise FileBusy(f"{self._name} is in use")
         try:
-            db = self._db
-            if db is None:
-                raise RuntimeError(f"{self._name} is not open")
+            db = self._connection()
             if self._waits:
                 db.execute(_NO_WAIT)
                 self._waits = False
@@ -155,6 +152,12 @@ class SqliteFile:
                 raise FileBusy(f"{self._name} is locked by another connection") from exc
         finally:
             self._lock.release()
+
+    def _connection(self) -> sqlite_utils.Database:
+        """The open connection (call with the lock held)."""
+        if self._db is None:
+            raise RuntimeError(f"{self._name} is not open")
+        return self._db
 
     def _count_call(self) -> None:
         self._calls += 1

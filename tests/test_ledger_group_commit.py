@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,46 +19,51 @@ from jobs.quotas import QuotaExceeded, QuotaSettings
 from tests.fixtures.jobs import job
 
 
+@pytest.fixture
+async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
+    opened = Ledger(tmp_path / "ledger.sqlite3")
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
 def _transactions(statements: list[str]) -> int:
     return sum(1 for sql in statements if sql == "BEGIN IMMEDIATE")
 
 
 async def test_a_burst_shares_one_transaction_and_a_refusal_stays_its_own(
-    tmp_path: Path,
+    ledger: Ledger,
 ) -> None:
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
-    await ledger.open()
     statements: list[str] = []
     ledger._file._db.conn.set_trace_callback(statements.append)  # type: ignore[union-attr]
     one_at_a_time = QuotaSettings(concurrent_per_user=1)
-    try:
-        first = job(0, user="ann")
-        again = first.model_copy(update={"job_id": "another-id"})  # same idempotency key
-        over = job(1, user="ann")  # a second job in flight: over ann's limit
-        others = [job(n, user=f"user{n}") for n in range(2, 8)]
-        burst: list[Job] = [first, again, over, *others]
-        results = await asyncio.gather(
-            *(ledger.admit(each, one_at_a_time, window=100) for each in burst),
-            return_exceptions=True,
-        )
+    first = job(0, user="ann")
+    again = first.model_copy(update={"job_id": "another-id"})  # same idempotency key
+    over = job(1, user="ann")  # a second job in flight: over ann's limit
+    others = [job(n, user=f"user{n}") for n in range(2, 8)]
+    burst: list[Job] = [first, again, over, *others]
+    results = await asyncio.gather(
+        *(ledger.admit(each, one_at_a_time, window=100) for each in burst),
+        return_exceptions=True,
+    )
 
-        assert _transactions(statements) == 1
-        _, created, claim = results[0]  # type: ignore[misc]
-        assert created and [r.job.job_id for r in claim.records] == [first.job_id]
-        repeated, created_again, _ = results[1]  # type: ignore[misc]
-        assert not created_again and repeated.job.job_id == first.job_id
-        assert isinstance(results[2], QuotaExceeded)
-        assert results[2].limit == "concurrent_per_user"
-        for each, result in zip(others, results[3:], strict=True):
-            assert not isinstance(result, BaseException), result
-            assert result[1] and result[0].job.job_id == each.job_id
-        # What is in the file: every admitted job, nothing of the refused one.
-        assert await ledger.get(over.job_id) is None
-        assert await ledger.get("another-id") is None
-        for each in [first, *others]:
-            assert await ledger.get(each.job_id) is not None
-    finally:
-        await ledger.close()
+    assert _transactions(statements) == 1
+    _, created, claim = results[0]  # type: ignore[misc]
+    assert created and [r.job.job_id for r in claim.records] == [first.job_id]
+    repeated, created_again, _ = results[1]  # type: ignore[misc]
+    assert not created_again and repeated.job.job_id == first.job_id
+    assert isinstance(results[2], QuotaExceeded)
+    assert results[2].limit == "concurrent_per_user"
+    for each, result in zip(others, results[3:], strict=True):
+        assert not isinstance(result, BaseException), result
+        assert result[1] and result[0].job.job_id == each.job_id
+    # What is in the file: every admitted job, nothing of the refused one.
+    assert await ledger.get(over.job_id) is None
+    assert await ledger.get("another-id") is None
+    for each in [first, *others]:
+        assert await ledger.get(each.job_id) is not None
 
 
 async def test_a_caller_cancelled_before_its_transaction_leaves_nothing(
@@ -84,13 +90,11 @@ async def test_a_caller_cancelled_before_its_transaction_leaves_nothing(
 
 
 async def test_admissions_while_another_connection_writes_wait_in_a_thread(
-    tmp_path: Path,
+    ledger: Ledger, tmp_path: Path
 ) -> None:
     """Another connection (the API's tables, another process) holds the file's write
     lock: the admissions do not wait for it on the loop; a worker thread writes them,
     each once, when the lock is free."""
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
-    await ledger.open()
     other = sqlite3.connect(tmp_path / "ledger.sqlite3", isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
@@ -103,35 +107,27 @@ async def test_admissions_while_another_connection_writes_wait_in_a_thread(
         results = await asyncio.wait_for(asyncio.gather(first, later), 10)
     finally:
         other.close()
-    try:
-        assert [created for _, created, _ in results] == [True, True]
-        for n in (0, 1):
-            assert await ledger.get_by_key(f"job-{n}") is not None
-    finally:
-        await ledger.close()
+    assert [created for _, created, _ in results] == [True, True]
+    for n in (0, 1):
+        assert await ledger.get_by_key(f"job-{n}") is not None
 
 
 async def test_a_retry_alone_gets_its_job_though_its_reservation_fills_the_limit(
-    tmp_path: Path,
+    ledger: Ledger,
 ) -> None:
     """The first admission's own reservation puts a retry of it over the user's limit:
     the retry still gets the job admitted first, not a refusal."""
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
-    await ledger.open()
     one_at_a_time = QuotaSettings(concurrent_per_user=1)
-    try:
-        first = job(0, user="ann")
-        record, created, _ = await ledger.admit(first, one_at_a_time, window=10)
-        again = first.model_copy(update={"job_id": "another-id"})  # same idempotency key
-        repeated, created_again, claim = await ledger.admit(again, one_at_a_time, window=10)
-        assert created and not created_again
-        assert repeated.job.job_id == record.job.job_id == first.job_id
-        assert claim.records == []
-        with pytest.raises(QuotaExceeded):  # another job of ann's is refused
-            await ledger.admit(job(1, user="ann"), one_at_a_time, window=10)
-        assert await ledger.get("another-id") is None
-    finally:
-        await ledger.close()
+    first = job(0, user="ann")
+    record, created, _ = await ledger.admit(first, one_at_a_time, window=10)
+    again = first.model_copy(update={"job_id": "another-id"})  # same idempotency key
+    repeated, created_again, claim = await ledger.admit(again, one_at_a_time, window=10)
+    assert created and not created_again
+    assert repeated.job.job_id == record.job.job_id == first.job_id
+    assert claim.records == []
+    with pytest.raises(QuotaExceeded):  # another job of ann's is refused
+        await ledger.admit(job(1, user="ann"), one_at_a_time, window=10)
+    assert await ledger.get("another-id") is None
 
 
 async def test_admissions_behind_a_long_backlog_are_written_in_a_thread(
