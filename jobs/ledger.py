@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -52,8 +52,11 @@ CLAIM_SECONDS = 60
 CONFIRM_BATCH_SECONDS = 0.05
 
 #: An admission's transaction runs on the event loop only while its lane's last claim
-#: read at most this many held jobs (about 0.4 ms of reading): a claim reads them all
-#: (model affinity's per-model windows do on every admission), 23 ms at 10,000.
+#: counted at most this many held jobs. A claim (model affinity's per-model windows make
+#: one in every admission) reads an index entry per held job and orders each user's
+#: oldest (``_claimable``): an admission took about 0.4 ms at 200 held, 0.5 ms at
+#: 1,000 and 1.5 ms at 10,000 on the loop (``bench.backlog --per-model``), more where
+#: each of the held jobs is another user's.
 INLINE_HELD = 200
 
 #: How long a tenant's limits read from the file answer again (:meth:`Ledger.quota`),
@@ -69,7 +72,7 @@ class Claim:
 
     records: list[JobRecord]
     more: bool
-    #: The held jobs of the lane it read to choose them (its cost grows with them);
+    #: The held jobs of the lane it counted to choose them (its cost grows with them);
     #: None: it read none (no window, or no room in it).
     held: int | None = None
 
@@ -132,7 +135,7 @@ class Ledger:
         self._admits: list[_Admit] = []
         self._turn: asyncio.Handle | None = None
         self._admitting: asyncio.Task[None] | None = None
-        #: lane -> the held jobs its last claim read (:data:`INLINE_HELD`).
+        #: lane -> the held jobs its last claim counted (:data:`INLINE_HELD`).
         self._held: dict[str, int] = {}
         #: tenant -> (when read, its stored limits, EVERYONE's) (:meth:`quota`).
         self._quotas: dict[
@@ -233,7 +236,7 @@ class Ledger:
     ) -> None:
         """Give each admission of ``batch`` its result or error (all the same error when
         the transaction failed), unless its caller stopped waiting; remember how many
-        held jobs each lane's claim read (:data:`INLINE_HELD`)."""
+        held jobs each lane's claim counted (:data:`INLINE_HELD`)."""
         for at, entry in enumerate(batch):
             result = results if isinstance(results, Exception) else results[at]
             if not isinstance(result, Exception) and result[2].held is not None:
@@ -731,6 +734,17 @@ def _create_tables(db: sqlite_utils.Database) -> None:
         )
     if "idx_jobs_fair" in indexes:
         db.execute("DROP INDEX idx_jobs_fair")
+    # The held jobs, each user's (per model) in age order, covering what a claim reads
+    # of them (_claimable): no table row is read, and a job leaves it once published.
+    # Partial on "published = 0", which every query writes as a literal: a partial
+    # index's condition that a bound parameter matches (status = ? with 'queued') makes
+    # SQLite prepare that statement again at each call (17 us more for the window's
+    # count, measured).
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS idx_jobs_held ON jobs "
+        "(lane, status, published, tenant, user, model, created_at, claimed_at, job_id) "
+        "WHERE published = 0"
+    )
     if "fair_tags" not in db.table_names():
         # The last tags released per lane, tenant and user: the fair order's memory, one
         # small row per user (jobs/fairness.py).
@@ -770,16 +784,16 @@ def _claim(
         rooms = {
             model: window - count for model, count in _waiting_by_model(db, lane, stale).items()
         }
-        waiting, tags = _fair_state(db, lane, stale, new)
-        order = fair_order(waiting, tags, room=rooms, default_room=window)
-        more = len(waiting) > len(order) > 0
+        waiting, held = _claimable(db, lane, stale, new, lambda model: rooms.get(model, window))
+        order = fair_order(waiting, _tags(db, lane, waiting), room=rooms, default_room=window)
+        more = held > len(order) > 0
     else:
         room = window - _waiting_at_broker(db, lane, stale)
         if room <= 0:
             return Claim([], False), None
-        waiting, tags = _fair_state(db, lane, stale, new)
-        order = fair_order(waiting, tags, limit=room)
-        more = len(waiting) > len(order) and len(order) == room
+        waiting, held = _claimable(db, lane, stale, new, lambda _: room)
+        order = fair_order(waiting, _tags(db, lane, waiting), limit=room)
+        more = held > len(order) and len(order) == room
     by_id = {job.job_id: job for job in waiting}
     own: Release | None = None
     records: list[JobRecord] = []
@@ -800,7 +814,7 @@ def _claim(
             [moment.isoformat(), release.tenant_tag, release.user_tag, release.job_id],
         )
         records.append(_record(_row(db, release.job_id)))
-    return Claim(records, more, len(waiting)), own
+    return Claim(records, more, held), own
 
 
 def _as_waiting(job: Job) -> Waiting:
@@ -855,25 +869,75 @@ _TENANTS_PER_READ = 200
 _USERS_PER_READ = 500
 
 
-def _fair_state(
-    db: sqlite_utils.Database, lane: str, stale: str | None = None, new: Waiting | None = None
-) -> tuple[list[Waiting], Tags]:
-    """What :func:`~jobs.fairness.fair_order` needs for ``lane``: the held jobs (with
-    ``stale``, claimed ones only when their claim is older; ``new``, one not written yet),
-    and the tags releases left."""
-    claimable = "" if stale is None else " AND (claimed_at IS NULL OR claimed_at < ?)"
+def _claimable(
+    db: sqlite_utils.Database,
+    lane: str,
+    stale: str,
+    new: Waiting | None,
+    most: Callable[[str | None], int],
+) -> tuple[list[Waiting], int]:
+    """The held jobs of ``lane`` a claim may release (those claimed since ``stale`` are
+    being published), as far as :func:`~jobs.fairness.fair_order` can reach in one claim:
+    of each user's jobs for each model, the oldest ``most(model)`` (the room that model's
+    window has, or the claim's limit), since a user's jobs of one model go oldest first
+    and each takes a place in the window. ``new``: a job not written yet, held with
+    them. Also how many are held in all, ``new`` included.
+
+    A claim used to read every held job; a backlog of 10,000 cost it about 20 ms, on
+    every release (and every admission with model affinity). It now reads one index
+    entry per held job in SQLite (``idx_jobs_held``: no table row, no Python object) to
+    find each user's oldest, and the next ones only where the room is more than one."""
+    claimable = (
+        "FROM jobs INDEXED BY idx_jobs_held WHERE lane = ? AND status = 'queued' "
+        "AND published = 0 AND (claimed_at IS NULL OR claimed_at < ?)"
+    )
+    waiting: list[Waiting] = []
+    held = 0
+    # MIN(created_at) makes the bare job_id that of the group's oldest (SQLite's rule).
+    for tenant, user, model, job_id, created_at, count in db.execute(
+        f"SELECT tenant, user, model, job_id, MIN(created_at), COUNT(*) {claimable} "
+        "GROUP BY tenant, user, model",
+        [lane, stale],
+    ).fetchall():
+        held += count
+        reach = min(count, most(model))
+        if reach <= 0:
+            continue
+        if reach == 1:
+            waiting.append(Waiting(job_id, tenant or "", user or "", created_at, model))
+            continue
+        waiting += [
+            Waiting(oldest_id, tenant or "", user or "", oldest_at, model)
+            for oldest_id, oldest_at in db.execute(
+                f"SELECT job_id, created_at {claimable} AND tenant IS ? AND user IS ? "
+                "AND model IS ? ORDER BY created_at LIMIT ?",
+                [lane, stale, tenant, user, model, reach],
+            ).fetchall()
+        ]
+    if new is not None:
+        waiting.append(new)
+        held += 1
+    return waiting, held
+
+
+def _fair_state(db: sqlite_utils.Database, lane: str) -> tuple[list[Waiting], Tags]:
+    """Every held job of ``lane``, claimed or not, and the tags releases left: what
+    :func:`~jobs.fairness.fair_order` needs to tell a held job's place (its position)."""
     waiting = [
         Waiting(job_id, tenant or "", user or "", created_at, model)
         for job_id, tenant, user, created_at, model in db.execute(
             "SELECT job_id, tenant, user, created_at, model FROM jobs "
-            f"WHERE lane = ? AND status = ? AND published = 0{claimable}",
-            [lane, JobStatus.QUEUED.value, *([] if stale is None else [stale])],
+            "WHERE lane = ? AND status = ? AND published = 0",
+            [lane, JobStatus.QUEUED.value],
         ).fetchall()
     ]
-    if new is not None:
-        waiting.append(new)
+    return waiting, _tags(db, lane, waiting)
+
+
+def _tags(db: sqlite_utils.Database, lane: str, waiting: list[Waiting]) -> Tags:
+    """The tags the releases of ``lane`` left that ordering ``waiting`` needs."""
     if not waiting:
-        return waiting, Tags(0, {}, {}, {})
+        return Tags(0, {}, {}, {})
     (lane_clock,) = db.execute(
         "SELECT COALESCE(MAX(tenant_tag), 0) FROM fair_tags WHERE lane = ?", [lane]
     ).fetchone()
@@ -881,8 +945,8 @@ def _fair_state(
     for job in waiting:
         users.setdefault(job.tenant, set()).add(job.user)
     if len(users) > _TENANTS_PER_READ:
-        return waiting, _lane_tags(db, lane, int(lane_clock))
-    return waiting, _waiting_tags(db, lane, int(lane_clock), users)
+        return _lane_tags(db, lane, int(lane_clock))
+    return _waiting_tags(db, lane, int(lane_clock), users)
 
 
 def _waiting_tags(
