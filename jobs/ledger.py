@@ -734,16 +734,17 @@ def _create_tables(db: sqlite_utils.Database) -> None:
         )
     if "idx_jobs_fair" in indexes:
         db.execute("DROP INDEX idx_jobs_fair")
-    # The held jobs, each user's (per model) in age order, covering what a claim reads
-    # of them (_claimable): no table row is read, and a job leaves it once published.
-    # Partial on "published = 0", which every query writes as a literal: a partial
-    # index's condition that a bound parameter matches (status = ? with 'queued') makes
-    # SQLite prepare that statement again at each call (17 us more for the window's
-    # count, measured).
+    # The held jobs no release has claimed, each user's (per model) in age order,
+    # covering what a claim reads of them (_claimable): no table row is read. A job
+    # released at once (inserted claimed) never enters it; one held leaves it when a
+    # release claims it. Its condition names no column that a query compares with a
+    # bound parameter: one that did (say "status = 'queued'", beside queries with
+    # "status = ?") would make SQLite prepare each such statement again at every call
+    # (17 us more for the window's count, measured).
     db.execute(
-        "CREATE INDEX IF NOT EXISTS idx_jobs_held ON jobs "
-        "(lane, status, published, tenant, user, model, created_at, claimed_at, job_id) "
-        "WHERE published = 0"
+        "CREATE INDEX IF NOT EXISTS idx_jobs_unclaimed ON jobs "
+        "(lane, status, published, claimed_at, tenant, user, model, created_at, job_id) "
+        "WHERE published = 0 AND claimed_at IS NULL"
     )
     if "fair_tags" not in db.table_names():
         # The last tags released per lane, tenant and user: the fair order's memory, one
@@ -876,28 +877,36 @@ def _claimable(
     new: Waiting | None,
     most: Callable[[str | None], int],
 ) -> tuple[list[Waiting], int]:
-    """The held jobs of ``lane`` a claim may release (those claimed since ``stale`` are
-    being published), as far as :func:`~jobs.fairness.fair_order` can reach in one claim:
-    of each user's jobs for each model, the oldest ``most(model)`` (the room that model's
-    window has, or the claim's limit), since a user's jobs of one model go oldest first
-    and each takes a place in the window. ``new``: a job not written yet, held with
-    them. Also how many are held in all, ``new`` included.
+    """The held jobs of ``lane`` a claim may release (not claimed, or claimed before
+    ``stale``: that release died), as far as :func:`~jobs.fairness.fair_order` can
+    reach in one claim: of each user's jobs for each model, the oldest ``most(model)``
+    (the room that model's window has, or the claim's limit), since a user's jobs of one
+    model go oldest first and each takes a place in the window. ``new``: a job not
+    written yet, held with them. Also how many are held in all, ``new`` included.
 
     A claim used to read every held job; a backlog of 10,000 cost it about 20 ms, on
     every release (and every admission with model affinity). It now reads one index
-    entry per held job in SQLite (``idx_jobs_held``: no table row, no Python object) to
-    find each user's oldest, and the next ones only where the room is more than one."""
-    claimable = (
-        "FROM jobs INDEXED BY idx_jobs_held WHERE lane = ? AND status = 'queued' "
-        "AND published = 0 AND (claimed_at IS NULL OR claimed_at < ?)"
+    entry per held job in SQLite (``idx_jobs_unclaimed``: no table row, no Python
+    object) to find each user's oldest, and the next ones only where the room is more
+    than one. Lapsed claims (rare) are read whole."""
+    unclaimed = (
+        "FROM jobs INDEXED BY idx_jobs_unclaimed WHERE lane = ? AND status = 'queued' "
+        "AND published = 0 AND claimed_at IS NULL"
     )
-    waiting: list[Waiting] = []
-    held = 0
+    waiting = [
+        Waiting(job_id, tenant or "", user or "", created_at, model)
+        for job_id, tenant, user, created_at, model in db.execute(
+            "SELECT job_id, tenant, user, created_at, model FROM jobs "
+            "WHERE lane = ? AND status = ? AND published = 0 AND claimed_at < ?",
+            [lane, JobStatus.QUEUED.value, stale],
+        ).fetchall()
+    ]
+    held = len(waiting)
     # MIN(created_at) makes the bare job_id that of the group's oldest (SQLite's rule).
     for tenant, user, model, job_id, created_at, count in db.execute(
-        f"SELECT tenant, user, model, job_id, MIN(created_at), COUNT(*) {claimable} "
+        f"SELECT tenant, user, model, job_id, MIN(created_at), COUNT(*) {unclaimed} "
         "GROUP BY tenant, user, model",
-        [lane, stale],
+        [lane],
     ).fetchall():
         held += count
         reach = min(count, most(model))
@@ -909,9 +918,9 @@ def _claimable(
         waiting += [
             Waiting(oldest_id, tenant or "", user or "", oldest_at, model)
             for oldest_id, oldest_at in db.execute(
-                f"SELECT job_id, created_at {claimable} AND tenant IS ? AND user IS ? "
+                f"SELECT job_id, created_at {unclaimed} AND tenant IS ? AND user IS ? "
                 "AND model IS ? ORDER BY created_at LIMIT ?",
-                [lane, stale, tenant, user, model, reach],
+                [lane, tenant, user, model, reach],
             ).fetchall()
         ]
     if new is not None:

@@ -1,5 +1,5 @@
 """A claim reads only the held jobs the fair order can reach (``jobs/ledger.py``,
-``_claimable``): each user's oldest few per model, found through ``idx_jobs_held``.
+``_claimable``): each user's oldest few per model, found through ``idx_jobs_unclaimed``.
 It must release exactly what reading every held job released: the same jobs, in the
 same order, with the same tags, the same ``more`` and the same count of held jobs."""
 
@@ -47,14 +47,15 @@ class Held:
 @dataclass(frozen=True)
 class Step:
     """A release before the claim under test: its window, whether it is per model, how
-    many of its jobs the broker confirms, how many of those a renderer takes, and
-    whether its unconfirmed claims lapse."""
+    many of its jobs the broker confirms, how many of those a renderer takes, and what
+    becomes of its other claims: kept (being published), lapsed (the release died long
+    ago) or undone (the publish failed)."""
 
     window: int
     per_model: bool
     confirmed: int
     taken: int
-    lapse: bool
+    rest: str
 
 
 held_jobs = st.lists(
@@ -74,7 +75,7 @@ steps = st.lists(
         per_model=st.booleans(),
         confirmed=st.integers(0, 6),
         taken=st.integers(0, 6),
-        lapse=st.booleans(),
+        rest=st.sampled_from(["kept", "lapsed", "undone"]),
     ),
     max_size=4,
 )
@@ -103,9 +104,11 @@ async def _build(path: Path, jobs: list[Held], before: list[Step]) -> None:
             for record in published[: step.taken]:
                 accepted = Accepted(job_id=record.job.job_id, attempt=1, worker_id="w", seq=0)
                 await ledger.apply(accepted)
-            if step.lapse:
-                for record in claim.records[step.confirmed :]:
+            for record in claim.records[step.confirmed :]:
+                if step.rest == "lapsed":
                     await ledger._run(partial(_lapse, job_id=record.job.job_id))
+                elif step.rest == "undone":
+                    await ledger.unclaim(record.job.job_id)
     finally:
         await ledger.close()
 
@@ -216,8 +219,9 @@ def test_a_claim_releases_what_reading_every_held_job_released(
 
 
 async def test_a_claim_reads_the_held_jobs_from_the_index_alone(tmp_path: Path) -> None:
-    """Each statement that reads the held jobs searches ``idx_jobs_held`` and reads
-    nothing else (no table row, no sort): its cost is an index entry per held job."""
+    """Each statement that reads the unclaimed held jobs searches ``idx_jobs_unclaimed``
+    and reads nothing else (no table row, no sort): its cost is an index entry per held
+    job. The lapsed claims are a range of the window's index."""
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     await ledger.open()
     try:
@@ -235,12 +239,16 @@ async def test_a_claim_reads_the_held_jobs_from_the_index_alone(tmp_path: Path) 
             return [
                 [str(step[3]) for step in db.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall()]
                 for sql in statements
-                if "idx_jobs_held" in sql
+                if "idx_jobs_unclaimed" in sql or "claimed_at <" in sql
             ]
 
         plans = await ledger._run(claim)
     finally:
         await ledger.close()
-    assert len(plans) == 1 + 3 * 2  # the users' oldest, then each user's next per model
-    for plan in plans:
-        assert len(plan) == 1 and "COVERING INDEX idx_jobs_held" in plan[0], plan
+    # The lapsed claims, a range of idx_jobs_window (claimed before the lapse: none
+    # here); then the users' oldest, then each user's next per model.
+    lapsed, *unclaimed = plans
+    assert len(unclaimed) == 1 + 3 * 2
+    for plan in unclaimed:
+        assert len(plan) == 1 and "COVERING INDEX idx_jobs_unclaimed" in plan[0], plan
+    assert len(lapsed) == 1 and "idx_jobs_window" in lapsed[0] and "claimed_at<?" in lapsed[0]
