@@ -12,9 +12,10 @@ take jobs. Then it times, from the event loop:
 
 * **admit**: ``Ledger.admit`` of a new job with the window full (the job is held: the
   insert, its history row, the quota-free path, and the window's count; with
-  ``--per-model``, model affinity's windows per model, every held job and the order
-  too); meanwhile, how late a 1 ms sleep on the loop wakes (the admission's transaction
-  runs on the loop when its lane's backlog is short, ``jobs/sql.py``);
+  ``--per-model``, model affinity's windows per model, a claim too: the held jobs'
+  index read and the order); meanwhile, how late a 1 ms sleep on the loop wakes (the
+  admission's transaction runs on the loop when its lane's backlog is short,
+  ``jobs/sql.py``);
 * **release**: a renderer takes one published job (an ``accepted`` event, untimed), and
   ``Ledger.release`` claims the next job in fair order (the window's count, the held
   jobs and the tags read, the claim written; its publish is not part of this).
