@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.fixtures.tcpproxy",
     "tests.fixtures.pipeline",
     "tests.fixtures.faults",
+    "tests.fixtures.ledger",
 ]

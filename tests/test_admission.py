@@ -3,9 +3,6 @@ and a retried submit returns the same job."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from jobs.admission import Admission
@@ -18,14 +15,6 @@ from tests.fixtures.brokers import BrokerFactory
 from workflows import Catalog
 
 ORIGIN = Origin(frontend="cli", reply_to="test")
-
-
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
-    await ledger.open()
-    yield ledger
-    await ledger.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,6 @@ from jobs.ledger import INLINE_HELD, Ledger
 from jobs.models import Job
 from jobs.quotas import QuotaExceeded, QuotaSettings
 from tests.fixtures.jobs import job
-
-
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    opened = Ledger(tmp_path / "ledger.sqlite3")
-    await opened.open()
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def _transactions(statements: list[str]) -> int:

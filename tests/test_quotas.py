@@ -29,14 +29,6 @@ DEFAULTS = QuotaSettings()
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
-    await ledger.open()
-    yield ledger
-    await ledger.close()
-
-
-@pytest.fixture
 async def broker() -> AsyncIterator[Broker]:
     broker = MemoryBroker(MemoryHub(), build_topology(["fast", "relax"]))
     await broker.connect()

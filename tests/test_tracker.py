@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,14 +29,6 @@ from jobs.tracker import JobTracker
 from tests.fixtures.brokers import BrokerFactory
 
 FRONTEND = "front-1"
-
-
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
-    await ledger.open()
-    yield ledger
-    await ledger.close()
 
 
 @pytest.fixture
