@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from jobs.fairness import Tags, Waiting, fair_order
+from collections import deque
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jobs.fairness import Held, Tags, Waiting, _one_by_one, _with_heaps, fair_order
 
 NONE = Tags(0, {}, {}, {})
 
@@ -61,3 +66,50 @@ def test_limit_and_until_agree_with_the_full_order() -> None:
     assert fair_order(jobs, NONE, limit=4) == full[:4]
     for index, release in enumerate(full):
         assert fair_order(jobs, NONE, until=release.job_id) == full[: index + 1]
+
+
+@st.composite
+def _orders(draw: st.DrawFn) -> tuple[list[Waiting], Tags, int | None, str | None]:
+    """Jobs of a few tenants and users, made at few distinct moments (exact ties), any
+    tags (releases leave no last tag past its clock; these need not hold to that), and
+    a limit or an ``until``."""
+    tenants, users = ["a", "b", "c", "d"], ["u0", "u1", "u2", "u3", "u4"]
+    jobs = [
+        Waiting(
+            f"j{n}",
+            draw(st.sampled_from(tenants)),
+            draw(st.sampled_from(users)),
+            f"2026-11-27T00:00:{draw(st.integers(0, 30)):06d}",
+        )
+        for n in range(draw(st.integers(0, 40)))
+    ]
+    tag = st.integers(0, 30)
+    tags = Tags(
+        draw(tag),
+        draw(st.dictionaries(st.sampled_from(tenants), tag)),
+        draw(st.dictionaries(st.sampled_from(tenants), tag)),
+        draw(st.dictionaries(st.tuples(st.sampled_from(tenants), st.sampled_from(users)), tag)),
+    )
+    limit = draw(st.one_of(st.none(), st.integers(1, 10)))
+    until = draw(st.one_of(st.none(), st.sampled_from([job.job_id for job in jobs] or ["none"])))
+    return jobs, tags, limit, until
+
+
+def _held(jobs: list[Waiting]) -> Held:
+    held: Held = {}
+    for job in sorted(jobs, key=lambda j: j.created_at):
+        held.setdefault(job.tenant, {}).setdefault(job.user, deque()).append(job)
+    return held
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(_orders())
+def test_the_heaps_give_the_order_of_choosing_among_everyone(
+    case: tuple[list[Waiting], Tags, int | None, str | None],
+) -> None:
+    """``fair_order`` without room uses heaps; it must give what choosing among every
+    tenant and user for each release gives (the tags too), ties included."""
+    jobs, tags, limit, until = case
+    fast = _with_heaps(_held(jobs), tags, limit, until)
+    assert fast == _one_by_one(_held(jobs), tags, limit, until, None)
+    assert fair_order(jobs, tags, limit=limit, until=until) == fast
