@@ -18,7 +18,10 @@ take jobs. Then it times, from the event loop:
   ``jobs/sql.py``);
 * **release**: a renderer takes one published job (an ``accepted`` event, untimed), and
   ``Ledger.release`` claims the next job in fair order (the window's count, the held
-  jobs and the tags read, the claim written; its publish is not part of this).
+  jobs and the tags read, the claim written; its publish is not part of this);
+* **position**: a new job is held (untimed), and ``Ledger.position`` tells its place
+  (every held job read and ordered, as a queued job's card asks after each change);
+  **again**: the same at once, with nothing changed (the order kept).
 
 It prints the median and p90 of each, per backlog size. No broker is involved.
 """
@@ -56,8 +59,9 @@ def _quantiles(samples: list[float]) -> str:
 
 async def measure(
     backlog: int, window: int, samples: int, per_model: bool = False
-) -> tuple[list[float], list[float], list[float]]:
-    """Admissions' and releases' times, and how late the loop ran during the admissions."""
+) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
+    """Admissions' and releases' times, how late the loop ran during the admissions, and
+    the positions' times (after a change, and again)."""
     with tempfile.TemporaryDirectory() as folder:
         ledger = Ledger(Path(folder) / "ledger.sqlite3", per_model=per_model)
         await ledger.open()
@@ -90,7 +94,19 @@ async def measure(
                     ledger.confirmed(record.job.job_id)
                     published.append(record.job.job_id)
                 await ledger.flush()
-            return admits, releases, late
+
+            # A queued job's card asks for its position after each change (orders the
+            # backlog), and again before the next one (the order kept).
+            positions: list[float] = []
+            again: list[float] = []
+            for n in range(samples):
+                newest = _job(2_000_000 + n)
+                await ledger.admit(newest, window=0)  # held: a change to the file
+                for times in (positions, again):
+                    began = time.perf_counter()
+                    await ledger.position(newest.job_id)
+                    times.append(time.perf_counter() - began)
+            return admits, releases, late, positions, again
         finally:
             await ledger.close()
 
@@ -98,12 +114,16 @@ async def measure(
 async def main(backlogs: list[int], window: int, samples: int, per_model: bool = False) -> None:
     print(f"window {window}{' per model' if per_model else ''}, {samples} samples each")
     for backlog in backlogs:
-        admits, releases, late = await measure(backlog, window, samples, per_model)
+        admits, releases, late, positions, again = await measure(
+            backlog, window, samples, per_model
+        )
         print(
             f"backlog {backlog:6d}: admit   {_quantiles(admits)}; the loop ran up to "
             f"{max(late, default=0) * 1000:.2f} ms late"
         )
         print(f"{'':15s} release {_quantiles(releases)}")
+        print(f"{'':15s} position {_quantiles(positions)}")
+        print(f"{'':15s} again   {_quantiles(again)}")
 
 
 if __name__ == "__main__":

@@ -131,19 +131,20 @@ def test_backlog(amqp_url: str, per_model: bool) -> None:
         *(["--per-model"] if per_model else []),
     )
     rows = re.findall(
-        rf"^(?:backlog\s+(\d+):|\s+) (admit|release)\s+median\s+{NUMBER} ms, p90\s+{NUMBER} ms"
+        rf"^(?:backlog\s+(\d+):|\s+) (admit|release|position|again)\s+median\s+{NUMBER} ms, "
+        rf"p90\s+{NUMBER} ms"
         rf"(?:; the loop ran up to {NUMBER} ms late)?$",
         out,
         re.MULTILINE,
     )
+    steps = [("admit", True), ("release", False), ("position", False), ("again", False)]
     assert [(backlog, step) for backlog, step, *_ in rows] == [
-        ("0", "admit"),
-        ("", "release"),
-        ("50", "admit"),
-        ("", "release"),
+        (backlog if at == 0 else "", step)
+        for backlog in ("0", "50")
+        for at, (step, _) in enumerate(steps)
     ], out
     assert all(0 < float(median) <= float(p90) for _, _, median, p90, _ in rows), out
-    assert [late != "" for *_, late in rows] == [True, False, True, False], out
+    assert [late != "" for *_, late in rows] == [lag for _, lag in steps] * 2, out
 
 
 def test_affinity(amqp_url: str) -> None:
