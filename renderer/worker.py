@@ -294,6 +294,8 @@ class Worker:
         self._running: set[asyncio.Task[Any]] = set()
         self._renders: dict[str, asyncio.Task[tuple[list[Output], dict[str, float]]]] = {}
         self._cancelled = RecentIds(REMEMBERED_CANCELS)
+        #: Control actions of newer frontends that this renderer does not know (told once).
+        self._unknown_actions: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._state = WorkerState.IDLE
@@ -423,7 +425,13 @@ class Worker:
         try:
             message = Control.model_validate_json(delivery.body)
         except ValidationError as exc:
-            log.warning("control.malformed", error=str(exc)[:300])
+            action = _unknown_action(exc)
+            if action is None:
+                log.warning("control.malformed", error=str(exc)[:300])
+            elif action not in self._unknown_actions:
+                # A newer frontend's (a rolling upgrade): not for this renderer to act on.
+                self._unknown_actions.add(action)
+                log.info("control.unknown_action", action=action)
         else:
             if message.action is ControlAction.CANCEL and message.job_id:
                 self._cancelled.add(message.job_id)
@@ -602,3 +610,14 @@ def _available(value: object) -> dict[str, list[str]]:
         for folder, files in value.items()
         if isinstance(files, list)
     }
+
+
+def _unknown_action(error: ValidationError) -> str | None:
+    """The action of a control message whose only fault is an action this renderer does
+    not know (a newer frontend sent it), else None (the message is malformed)."""
+    problems = error.errors()
+    if problems and all(
+        problem["loc"] == ("action",) and problem["type"] == "enum" for problem in problems
+    ):
+        return str(problems[0]["input"])[:100]
+    return None

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import signal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from PIL import Image
 
 from jobs.models import (
@@ -184,6 +186,31 @@ async def test_cancel_stops_a_running_job_and_it_ends_once(rig: Rig) -> None:
     assert await broker.depth(rig.topology.dead_letter_queue) == 0
     events = await rig.events(job_id)
     assert [type(e) for e in events] == [Failed]
+
+
+async def test_a_newer_frontends_control_action_is_noted_once_not_called_malformed(
+    rig: Rig,
+) -> None:
+    """A rolling upgrade: a newer frontend sends an action this renderer does not know.
+    It is told once (info), not a warning per message; a message that is not a control
+    message at all still warns."""
+    await rig.renderer()
+    newer = await rig.brokers.connect(rig.topology, "newer-frontend")
+    future = json.dumps({"schema_version": 1, "action": "defragment", "lane": "fast"})
+    with structlog.testing.capture_logs() as logs:
+        for body in (future.encode(), future.encode(), b"not json"):
+            await newer.publish(
+                rig.topology.control_exchange, "", body, persistent=False, mandatory=False
+            )
+        # Handled in the order sent: the last one logged means all three were seen.
+        async with asyncio.timeout(10):
+            while not any(entry["event"] == "control.malformed" for entry in logs):
+                await asyncio.sleep(0.05)
+
+    noted = [entry for entry in logs if entry["event"] == "control.unknown_action"]
+    assert [(entry["action"], entry["log_level"]) for entry in noted] == [("defragment", "info")]
+    malformed = [entry for entry in logs if entry["event"] == "control.malformed"]
+    assert [entry["log_level"] for entry in malformed] == ["warning"]
 
 
 async def test_a_cancelled_pending_job_is_skipped_when_delivered(rig: Rig) -> None:
