@@ -38,7 +38,7 @@ from jobs.models import (
     parse_event,
     utcnow,
 )
-from jobs.sql import FileBusy, SqliteFile, commit, immediate, insert_row
+from jobs.sql import FileBusy, SqliteFile, commit, immediate, insert_row, snapshot
 
 T = TypeVar("T")
 
@@ -553,6 +553,10 @@ class Ledger:
         await self.flush()
 
         def position(db: sqlite_utils.Database) -> int | None:
+            with snapshot(db):  # the row and the order of one state of the file
+                return place(db)
+
+        def place(db: sqlite_utils.Database) -> int | None:
             rows = list(db.table("jobs").rows_where("job_id = ?", [job_id]))
             if not rows or rows[0]["status"] != JobStatus.QUEUED.value:
                 return None

@@ -214,6 +214,18 @@ def immediate(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
     commit(db)
 
 
+@contextlib.contextmanager
+def snapshot(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """A read transaction: the reads inside see one state of the file, whatever other
+    connections commit meanwhile (WAL keeps the snapshot). It writes nothing and ends
+    with a rollback."""
+    db.execute("BEGIN")
+    try:
+        yield db
+    finally:
+        db.conn.rollback()
+
+
 def commit(db: sqlite_utils.Database) -> None:
     """COMMIT, or roll back when the commit fails (a full disk, an I/O error): the
     transaction must not stay open under the next caller's ``BEGIN``."""

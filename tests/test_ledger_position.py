@@ -5,6 +5,7 @@ to the file, by this ledger or another connection, orders again."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,27 @@ async def test_another_connections_commit_orders_again(
 
     assert await ledger.position(second.job_id) == 3
     assert len(orders) == 2
+
+
+async def test_a_commit_between_the_row_and_the_order_does_not_lose_the_job(
+    ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's row and the order are read in one snapshot of the file: another
+    connection that publishes the job in between (another frontend's release) changes
+    nothing for this answer, which says where the job stood."""
+    first, second = job(0, user="u0"), job(1, user="u1")
+    await ledger.admit(first, window=0)
+    await ledger.admit(second, window=0)
+    real = ledger_module._fair_state
+
+    def published_meanwhile(db: sqlite_utils.Database, lane: str) -> tuple[list[Waiting], Tags]:
+        other = sqlite3.connect(tmp_path / "ledger.sqlite3")
+        with other:
+            other.execute("UPDATE jobs SET published = 1 WHERE job_id = ?", [second.job_id])
+        other.close()
+        return real(db, lane)
+
+    monkeypatch.setattr(ledger_module, "_fair_state", published_meanwhile)
+    assert await ledger.position(second.job_id) == 2
+    monkeypatch.setattr(ledger_module, "_fair_state", real)
+    assert await ledger.position(second.job_id) == 1  # now published: first at the broker
