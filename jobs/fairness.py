@@ -116,25 +116,17 @@ def _one_by_one(
 ) -> list[Release]:
     """The order as the module's docstring says it, each release choosing among every
     tenant and then every user of it: O(n x tenants + n x users of a tenant)."""
-    lane_clock = tags.lane_clock
-    tenant_last = dict(tags.tenant_last)
-    tenant_clock = dict(tags.tenant_clock)
-    user_last = dict(tags.user_last)
+    clocks = _Clocks(tags)
     order: list[Release] = []
     while held and (limit is None or len(order) < limit):
-        tenant = min(held, key=lambda t: _tenant_key(t, held[t], lane_clock, tenant_last))
-        users = held[tenant]
-        clock = tenant_clock.get(tenant, 0)
-        user = min(users, key=lambda u: _user_key(tenant, u, users[u], clock, user_last))
-        job = users[user].popleft()
-        release = Release(
-            job.job_id,
-            max(lane_clock, tenant_last.get(tenant, 0)) + 1,
-            max(clock, user_last.get((tenant, user), 0)) + 1,
+        tenant = min(
+            held, key=lambda t: _tenant_key(t, held[t], clocks.lane_clock, clocks.tenant_last)
         )
-        order.append(release)
-        lane_clock = tenant_last[tenant] = release.tenant_tag
-        tenant_clock[tenant] = user_last[(tenant, user)] = release.user_tag
+        users = held[tenant]
+        clock = clocks.tenant_clock.get(tenant, 0)
+        user = min(users, key=lambda u: _user_key(tenant, u, users[u], clock, clocks.user_last))
+        job = users[user].popleft()
+        order.append(clocks.release(job.job_id, tenant, user))
         if not users[user]:
             del users[user]
         if not users:
@@ -158,24 +150,21 @@ def _with_heaps(held: Held, tags: Tags, limit: int | None, until: str | None) ->
     user took about 190 ms. A tenant's oldest job comes from a heap of its users' oldest,
     whose entries that went stale are dropped when met. Exact ties go where
     :func:`_one_by_one` sends them (the order of ``held``)."""
-    lane_clock = tags.lane_clock
-    tenant_last = dict(tags.tenant_last)
-    tenant_clock = dict(tags.tenant_clock)
-    user_last = dict(tags.user_last)
+    clocks = _Clocks(tags)
     # Per tenant: its users by (last user tag, oldest job, seat), and by (oldest job, seat).
     next_user: dict[str, list[tuple[int, str, int, str]]] = {}
     oldest: dict[str, list[tuple[str, int, str]]] = {}
     for tenant, users in held.items():
         seats = list(enumerate(users.items()))
         next_user[tenant] = [
-            (user_last.get((tenant, user), 0), jobs[0].created_at, seat, user)
+            (clocks.user_last.get((tenant, user), 0), jobs[0].created_at, seat, user)
             for seat, (user, jobs) in seats
         ]
         oldest[tenant] = [(jobs[0].created_at, seat, user) for seat, (user, jobs) in seats]
         heapq.heapify(next_user[tenant])
         heapq.heapify(oldest[tenant])
     next_tenant = [
-        (tenant_last.get(tenant, 0), oldest[tenant][0][0], seat, tenant)
+        (clocks.tenant_last.get(tenant, 0), oldest[tenant][0][0], seat, tenant)
         for seat, tenant in enumerate(held)
     ]
     heapq.heapify(next_tenant)
@@ -185,14 +174,8 @@ def _with_heaps(held: Held, tags: Tags, limit: int | None, until: str | None) ->
         users = held[tenant]
         _, _, user_seat, user = heapq.heappop(next_user[tenant])
         job = users[user].popleft()
-        release = Release(
-            job.job_id,
-            max(lane_clock, tenant_last.get(tenant, 0)) + 1,
-            max(tenant_clock.get(tenant, 0), user_last.get((tenant, user), 0)) + 1,
-        )
+        release = clocks.release(job.job_id, tenant, user)
         order.append(release)
-        lane_clock = tenant_last[tenant] = release.tenant_tag
-        tenant_clock[tenant] = user_last[(tenant, user)] = release.user_tag
         if users[user]:
             first = users[user][0].created_at
             heapq.heappush(next_user[tenant], (release.user_tag, first, user_seat, user))
@@ -207,6 +190,27 @@ def _with_heaps(held: Held, tags: Tags, limit: int | None, until: str | None) ->
         if until is not None and job.job_id == until:
             break
     return order
+
+
+class _Clocks:
+    """The tags as an order goes: :class:`Tags` at its start, then each release's."""
+
+    def __init__(self, tags: Tags) -> None:
+        self.lane_clock = tags.lane_clock
+        self.tenant_last = dict(tags.tenant_last)
+        self.tenant_clock = dict(tags.tenant_clock)
+        self.user_last = dict(tags.user_last)
+
+    def release(self, job_id: str, tenant: str, user: str) -> Release:
+        """Release ``job_id`` of ``tenant``'s ``user``: its tags, which become the clocks."""
+        release = Release(
+            job_id,
+            max(self.lane_clock, self.tenant_last.get(tenant, 0)) + 1,
+            max(self.tenant_clock.get(tenant, 0), self.user_last.get((tenant, user), 0)) + 1,
+        )
+        self.lane_clock = self.tenant_last[tenant] = release.tenant_tag
+        self.tenant_clock[tenant] = self.user_last[(tenant, user)] = release.user_tag
+        return release
 
 
 def _oldest(firsts: list[tuple[str, int, str]], users: Mapping[str, deque[Waiting]]) -> str:

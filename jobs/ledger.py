@@ -847,9 +847,7 @@ def _claim(
 def _as_waiting(job: Job) -> Waiting:
     """``job`` as the fair order sees a held job (as :func:`_fair_state` reads one)."""
     origin = job.origin
-    return Waiting(
-        job.job_id, origin.tenant or "", origin.user or "", job.created_at.isoformat(), job.model
-    )
+    return _waiting(job.job_id, origin.tenant, origin.user, job.created_at.isoformat(), job.model)
 
 
 def _waiting_at_broker(db: sqlite_utils.Database, lane: str, stale: str | None = None) -> int:
@@ -919,14 +917,7 @@ def _claimable(
         "FROM jobs INDEXED BY idx_jobs_unclaimed WHERE lane = ? AND status = 'queued' "
         "AND published = 0 AND claimed_at IS NULL"
     )
-    waiting = [
-        Waiting(job_id, tenant or "", user or "", created_at, model)
-        for job_id, tenant, user, created_at, model in db.execute(
-            "SELECT job_id, tenant, user, created_at, model FROM jobs "
-            "WHERE lane = ? AND status = ? AND published = 0 AND claimed_at < ?",
-            [lane, JobStatus.QUEUED.value, stale],
-        ).fetchall()
-    ]
+    waiting = _held_jobs(db, lane, " AND claimed_at < ?", stale)
     held = len(waiting)
     # MIN(created_at) makes the bare job_id that of the group's oldest (SQLite's rule).
     for tenant, user, model, job_id, created_at, count in db.execute(
@@ -939,10 +930,10 @@ def _claimable(
         if reach <= 0:
             continue
         if reach == 1:
-            waiting.append(Waiting(job_id, tenant or "", user or "", created_at, model))
+            waiting.append(_waiting(job_id, tenant, user, created_at, model))
             continue
         waiting += [
-            Waiting(oldest_id, tenant or "", user or "", oldest_at, model)
+            _waiting(oldest_id, tenant, user, oldest_at, model)
             for oldest_id, oldest_at in db.execute(
                 f"SELECT job_id, created_at {unclaimed} AND tenant IS ? AND user IS ? "
                 "AND model IS ? ORDER BY created_at LIMIT ?",
@@ -958,15 +949,28 @@ def _claimable(
 def _fair_state(db: sqlite_utils.Database, lane: str) -> tuple[list[Waiting], Tags]:
     """Every held job of ``lane``, claimed or not, and the tags releases left: what
     :func:`~jobs.fairness.fair_order` needs to tell a held job's place (its position)."""
-    waiting = [
-        Waiting(job_id, tenant or "", user or "", created_at, model)
-        for job_id, tenant, user, created_at, model in db.execute(
+    waiting = _held_jobs(db, lane)
+    return waiting, _tags(db, lane, waiting)
+
+
+def _held_jobs(db: sqlite_utils.Database, lane: str, more: str = "", *params: str) -> list[Waiting]:
+    """The held jobs of ``lane`` (queued, not published) that ``more`` (and its
+    ``params``) also asks for, read whole."""
+    return [
+        _waiting(*row)
+        for row in db.execute(
             "SELECT job_id, tenant, user, created_at, model FROM jobs "
-            "WHERE lane = ? AND status = ? AND published = 0",
-            [lane, JobStatus.QUEUED.value],
+            f"WHERE lane = ? AND status = ? AND published = 0{more}",
+            [lane, JobStatus.QUEUED.value, *params],
         ).fetchall()
     ]
-    return waiting, _tags(db, lane, waiting)
+
+
+def _waiting(
+    job_id: str, tenant: str | None, user: str | None, created_at: str, model: str | None
+) -> Waiting:
+    """A held job's columns as the fair order sees them (no tenant or user: "")."""
+    return Waiting(job_id, tenant or "", user or "", created_at, model)
 
 
 def _tags(db: sqlite_utils.Database, lane: str, waiting: list[Waiting]) -> Tags:

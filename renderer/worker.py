@@ -83,6 +83,8 @@ STORE_ATTEMPTS = 6
 MAX_BACKOFF_SECONDS = 30.0
 #: Cancelled job ids a worker remembers, to skip them if they are delivered later.
 REMEMBERED_CANCELS = 10_000
+#: Unknown control actions a worker remembers having logged (each is logged once).
+REMEMBERED_UNKNOWN_ACTIONS = 64
 
 
 def backoff(attempt: int, base: float) -> float:
@@ -294,8 +296,9 @@ class Worker:
         self._running: set[asyncio.Task[Any]] = set()
         self._renders: dict[str, asyncio.Task[tuple[list[Output], dict[str, float]]]] = {}
         self._cancelled = RecentIds(REMEMBERED_CANCELS)
-        #: Control actions of newer frontends that this renderer does not know (told once).
-        self._unknown_actions: set[str] = set()
+        #: Control actions of newer frontends that this renderer does not know (told once;
+        #: a bounded memory, as the message comes from the wire).
+        self._unknown_actions = RecentIds(REMEMBERED_UNKNOWN_ACTIONS)
         self._idle = asyncio.Event()
         self._idle.set()
         self._state = WorkerState.IDLE
