@@ -3,10 +3,11 @@
 Run from the repository root::
 
     .venv/bin/python -m bench.backlog [--backlogs 0,1000,10000] [--window 16] [--samples 300]
-        [--per-model]
+        [--per-model] [--users 200]
 
 For each backlog size a fresh ledger (an SQLite file in a temporary folder) holds that
-many jobs from 200 users of 10 tenants, and ``--window`` jobs are released and confirmed,
+many jobs from ``--users`` users (200; as many as the backlog: each held job another
+user's) of 10 tenants, and ``--window`` jobs are released and confirmed,
 so the window is full, as in a frontend whose users submit faster than its renderers
 take jobs. Then it times, from the event loop:
 
@@ -40,8 +41,8 @@ from jobs.ledger import Ledger
 from jobs.models import Accepted, Job, Origin
 
 
-def _job(n: int) -> Job:
-    user = n % 200
+def _job(n: int, users: int = 200) -> Job:
+    user = n % users
     return Job(
         workflow="sd15-txt2img",
         lane="fast",
@@ -58,7 +59,7 @@ def _quantiles(samples: list[float]) -> str:
 
 
 async def measure(
-    backlog: int, window: int, samples: int, per_model: bool = False
+    backlog: int, window: int, samples: int, per_model: bool = False, users: int = 200
 ) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
     """Admissions' and releases' times, how late the loop ran during the admissions, and
     the positions' times (after a change, and again)."""
@@ -67,7 +68,7 @@ async def measure(
         await ledger.open()
         try:
             for n in range(backlog + window):
-                await ledger.admit(_job(n), window=0)
+                await ledger.admit(_job(n, users), window=0)
             published = [
                 record.job.job_id for record in (await ledger.release("fast", window)).records
             ]
@@ -80,7 +81,7 @@ async def measure(
             async with loop_lag(late):
                 for n in range(samples):
                     began = time.perf_counter()
-                    await ledger.admit(_job(1_000_000 + n), window=window)
+                    await ledger.admit(_job(1_000_000 + n, users), window=window)
                     admits.append(time.perf_counter() - began)
 
             releases: list[float] = []
@@ -100,7 +101,7 @@ async def measure(
             positions: list[float] = []
             again: list[float] = []
             for n in range(samples):
-                newest = _job(2_000_000 + n)
+                newest = _job(2_000_000 + n, users)
                 await ledger.admit(newest, window=0)  # held: a change to the file
                 for times in (positions, again):
                     began = time.perf_counter()
@@ -111,11 +112,15 @@ async def measure(
             await ledger.close()
 
 
-async def main(backlogs: list[int], window: int, samples: int, per_model: bool = False) -> None:
-    print(f"window {window}{' per model' if per_model else ''}, {samples} samples each")
+async def main(
+    backlogs: list[int], window: int, samples: int, per_model: bool = False, users: int = 200
+) -> None:
+    print(
+        f"window {window}{' per model' if per_model else ''}, {users} users, {samples} samples each"
+    )
     for backlog in backlogs:
         admits, releases, late, positions, again = await measure(
-            backlog, window, samples, per_model
+            backlog, window, samples, per_model, users
         )
         print(
             f"backlog {backlog:6d}: admit   {_quantiles(admits)}; the loop ran up to "
@@ -136,7 +141,20 @@ if __name__ == "__main__":
         action="store_true",
         help="windows per model, as with model affinity (the services' default)",
     )
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=200,
+        help="the users the jobs come from, in turn (as many as the backlog: each held "
+        "job another user's)",
+    )
     args = parser.parse_args()
     asyncio.run(
-        main([int(b) for b in args.backlogs.split(",")], args.window, args.samples, args.per_model)
+        main(
+            [int(b) for b in args.backlogs.split(",")],
+            args.window,
+            args.samples,
+            args.per_model,
+            args.users,
+        )
     )

@@ -95,10 +95,12 @@ def fair_order(
     ``limit``, or up to and including ``until``). With ``room`` (per model, see
     :attr:`Waiting.model`; ``default_room`` for models not in it), a model's jobs take
     part only while their destination has room: the order is the fair order of the jobs
-    that can go now, and a user whose jobs all wait for full destinations keeps its turn."""
+    that can go now, and a user whose jobs all wait for full destinations keeps its turn.
+    Jobs made at the same moment go in order of their ids (so an order read from the
+    ledger in any row order, ``jobs/claims.py``, is the same)."""
     left: dict[str | None, int] | None = None if room is None else dict(room)
     held: Held = defaultdict(lambda: defaultdict(deque))
-    for job in sorted(waiting, key=lambda j: j.created_at):
+    for job in sorted(waiting, key=lambda j: (j.created_at, j.job_id)):
         if left is not None and left.setdefault(job.model, default_room) <= 0:
             continue
         held[job.tenant][job.user].append(job)
@@ -116,7 +118,7 @@ def _one_by_one(
 ) -> list[Release]:
     """The order as the module's docstring says it, each release choosing among every
     tenant and then every user of it: O(n x tenants + n x users of a tenant)."""
-    clocks = _Clocks(tags)
+    clocks = Clocks(tags)
     order: list[Release] = []
     while held and (limit is None or len(order) < limit):
         tenant = min(
@@ -150,7 +152,7 @@ def _with_heaps(held: Held, tags: Tags, limit: int | None, until: str | None) ->
     user took about 190 ms. A tenant's oldest job comes from a heap of its users' oldest,
     whose entries that went stale are dropped when met. Exact ties go where
     :func:`_one_by_one` sends them (the order of ``held``)."""
-    clocks = _Clocks(tags)
+    clocks = Clocks(tags)
     # Per tenant: its users by (last user tag, oldest job, seat), and by (oldest job, seat).
     next_user: dict[str, list[tuple[int, str, int, str]]] = {}
     oldest: dict[str, list[tuple[str, int, str]]] = {}
@@ -192,7 +194,7 @@ def _with_heaps(held: Held, tags: Tags, limit: int | None, until: str | None) ->
     return order
 
 
-class _Clocks:
+class Clocks:
     """The tags as an order goes: :class:`Tags` at its start, then each release's."""
 
     def __init__(self, tags: Tags) -> None:

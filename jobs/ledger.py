@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Container
+from collections.abc import Container
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -27,6 +27,7 @@ import sqlite_utils
 import structlog
 
 from jobs import quotas
+from jobs.claims import ClaimOrder
 from jobs.fairness import Release, Tags, Waiting, fair_order
 from jobs.models import (
     Accepted,
@@ -53,10 +54,10 @@ CONFIRM_BATCH_SECONDS = 0.05
 
 #: An admission's transaction runs on the event loop only while its lane's last claim
 #: counted at most this many held jobs. A claim (model affinity's per-model windows make
-#: one in every admission) reads an index entry per held job and orders each user's
-#: oldest (``_claimable``): an admission took about 0.4 ms at 200 held, 0.5 ms at
-#: 1,000 and 1.5 ms at 10,000 on the loop (``bench.backlog --per-model``), more where
-#: each of the held jobs is another user's.
+#: one in every admission) reads an index entry per held job to find the tenants, and a
+#: tenant's users as far as it goes (``jobs/claims.py``): with 10,000 held, each another
+#: user's, an admission took about 9 ms on the session-10 machine (``bench.backlog
+#: --per-model --users 10000``), too long for the loop.
 INLINE_HELD = 200
 
 #: How long a tenant's limits read from the file answer again (:meth:`Ledger.quota`),
@@ -761,7 +762,7 @@ def _create_tables(db: sqlite_utils.Database) -> None:
     if "idx_jobs_fair" in indexes:
         db.execute("DROP INDEX idx_jobs_fair")
     # The held jobs no release has claimed, each user's (per model) in age order,
-    # covering what a claim reads of them (_claimable): no table row is read. A job
+    # covering what a claim reads of them (jobs/claims.py): no table row is read. A job
     # released at once (inserted claimed) never enters it; one held leaves it when a
     # release claims it. Its condition names no column that a query compares with a
     # bound parameter: one that did (say "status = 'queued'", beside queries with
@@ -811,21 +812,21 @@ def _claim(
         rooms = {
             model: window - count for model, count in _waiting_by_model(db, lane, stale).items()
         }
-        waiting, held = _claimable(db, lane, stale, new, lambda model: rooms.get(model, window))
-        order = fair_order(waiting, _tags(db, lane, waiting), room=rooms, default_room=window)
-        more = held > len(order) > 0
+        _unclaim_lapsed(db, lane, stale)
+        claims = ClaimOrder(db, lane, rooms, window, new)
+        order = claims.releases()
+        more = claims.held > len(order) > 0
     else:
         room = window - _waiting_at_broker(db, lane, stale)
         if room <= 0:
             return Claim([], False), None
-        waiting, held = _claimable(db, lane, stale, new, lambda _: room)
-        order = fair_order(waiting, _tags(db, lane, waiting), limit=room)
-        more = held > len(order) and len(order) == room
-    by_id = {job.job_id: job for job in waiting}
+        _unclaim_lapsed(db, lane, stale)
+        claims = ClaimOrder(db, lane, {}, room, new)
+        order = claims.releases(limit=room)
+        more = claims.held > len(order) and len(order) == room
     own: Release | None = None
     records: list[JobRecord] = []
-    for release in order:
-        job = by_id[release.job_id]
+    for release, job in order:
         db.execute(
             "INSERT INTO fair_tags (lane, tenant, user, tenant_tag, user_tag) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (lane, tenant, user) DO UPDATE SET "
@@ -841,7 +842,7 @@ def _claim(
             [moment.isoformat(), release.tenant_tag, release.user_tag, release.job_id],
         )
         records.append(_record(_row(db, release.job_id)))
-    return Claim(records, more, held), own
+    return Claim(records, more, claims.held), own
 
 
 def _as_waiting(job: Job) -> Waiting:
@@ -894,56 +895,15 @@ _TENANTS_PER_READ = 200
 _USERS_PER_READ = 500
 
 
-def _claimable(
-    db: sqlite_utils.Database,
-    lane: str,
-    stale: str,
-    new: Waiting | None,
-    most: Callable[[str | None], int],
-) -> tuple[list[Waiting], int]:
-    """The held jobs of ``lane`` a claim may release (not claimed, or claimed before
-    ``stale``: that release died), as far as :func:`~jobs.fairness.fair_order` can
-    reach in one claim: of each user's jobs for each model, the oldest ``most(model)``
-    (the room that model's window has, or the claim's limit), since a user's jobs of one
-    model go oldest first and each takes a place in the window. ``new``: a job not
-    written yet, held with them. Also how many are held in all, ``new`` included.
-
-    A claim used to read every held job; a backlog of 10,000 cost it about 20 ms, on
-    every release (and every admission with model affinity). It now reads one index
-    entry per held job in SQLite (``idx_jobs_unclaimed``: no table row, no Python
-    object) to find each user's oldest, and the next ones only where the room is more
-    than one. Lapsed claims (rare) are read whole."""
-    unclaimed = (
-        "FROM jobs INDEXED BY idx_jobs_unclaimed WHERE lane = ? AND status = 'queued' "
-        "AND published = 0 AND claimed_at IS NULL"
+def _unclaim_lapsed(db: sqlite_utils.Database, lane: str, stale: str) -> None:
+    """The claims on ``lane``'s held jobs made before ``stale`` lapsed (their release
+    died): those jobs are held again, unclaimed, for this claim to take (a range of
+    ``idx_jobs_window``; rare)."""
+    db.execute(
+        "UPDATE jobs SET claimed_at = NULL WHERE lane = ? AND status = ? AND published = 0 "
+        "AND claimed_at < ?",
+        [lane, JobStatus.QUEUED.value, stale],
     )
-    waiting = _held_jobs(db, lane, " AND claimed_at < ?", stale)
-    held = len(waiting)
-    # MIN(created_at) makes the bare job_id that of the group's oldest (SQLite's rule).
-    for tenant, user, model, job_id, created_at, count in db.execute(
-        f"SELECT tenant, user, model, job_id, MIN(created_at), COUNT(*) {unclaimed} "
-        "GROUP BY tenant, user, model",
-        [lane],
-    ).fetchall():
-        held += count
-        reach = min(count, most(model))
-        if reach <= 0:
-            continue
-        if reach == 1:
-            waiting.append(_waiting(job_id, tenant, user, created_at, model))
-            continue
-        waiting += [
-            _waiting(oldest_id, tenant, user, oldest_at, model)
-            for oldest_id, oldest_at in db.execute(
-                f"SELECT job_id, created_at {unclaimed} AND tenant IS ? AND user IS ? "
-                "AND model IS ? ORDER BY created_at LIMIT ?",
-                [lane, tenant, user, model, reach],
-            ).fetchall()
-        ]
-    if new is not None:
-        waiting.append(new)
-        held += 1
-    return waiting, held
 
 
 def _fair_state(db: sqlite_utils.Database, lane: str) -> tuple[list[Waiting], Tags]:

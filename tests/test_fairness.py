@@ -97,7 +97,7 @@ def _orders(draw: st.DrawFn) -> tuple[list[Waiting], Tags, int | None, str | Non
 
 def _held(jobs: list[Waiting]) -> Held:
     held: Held = {}
-    for job in sorted(jobs, key=lambda j: j.created_at):
+    for job in sorted(jobs, key=lambda j: (j.created_at, j.job_id)):
         held.setdefault(job.tenant, {}).setdefault(job.user, deque()).append(job)
     return held
 

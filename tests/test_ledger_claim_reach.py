@@ -1,7 +1,8 @@
-"""A claim reads only the held jobs the fair order can reach (``jobs/ledger.py``,
-``_claimable``): each user's oldest few per model, found through ``idx_jobs_unclaimed``.
-It must release exactly what reading every held job released: the same jobs, in the
-same order, with the same tags, the same ``more`` and the same count of held jobs."""
+"""A claim reads the held jobs only as far as its fair order goes (``jobs/claims.py``):
+tenants, then a tenant's users in order, then a user's oldest jobs per model, through
+``idx_jobs_unclaimed``. It must release exactly what ordering every held job released:
+the same jobs, in the same order, with the same tags, the same ``more`` and the same
+count of held jobs."""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def _lapse(db: sqlite_utils.Database, job_id: str) -> None:
 
 
 def _every_held(db: sqlite_utils.Database, stale: str, new: Waiting | None) -> list[Waiting]:
-    """What a claim read before ``_claimable``: every held job not freshly claimed."""
+    """What a claim read before ``jobs/claims.py``: every held job not freshly claimed."""
     waiting = [
         Waiting(job_id, tenant or "", user or "", created_at, model)
         for job_id, tenant, user, created_at, model in db.execute(
@@ -157,10 +158,15 @@ def _fair_tags(db: sqlite_utils.Database) -> dict[tuple[str, str], tuple[int, in
     }
 
 
-def _compare(path: Path, window: int, per_model: bool, with_new: bool) -> None:
-    """The claim under test beside the reference, in one transaction rolled back after."""
+def _compare(
+    path: Path, window: int, per_model: bool, with_new: bool, new_model: str | None = "any"
+) -> list[str]:
+    """The claim under test beside the reference, in one transaction rolled back after
+    (``with_new``: admitting u1 of g1's job, of ``new_model``, else one of the window's
+    choosing); the keys of the jobs it released."""
     db = sqlite_utils.Database(sqlite3.connect(path))
-    admitted = make_job(10_000, MODELS[window % 3], user="u1", tenant="g1") if with_new else None
+    model = MODELS[window % 3] if new_model == "any" else new_model
+    admitted = make_job(10_000, model, user="u1", tenant="g1") if with_new else None
     moment = utcnow()
     stale = (moment - timedelta(seconds=CLAIM_SECONDS)).isoformat()
     try:
@@ -191,6 +197,7 @@ def _compare(path: Path, window: int, per_model: bool, with_new: bool) -> None:
                     "SELECT tenant_tag, user_tag FROM jobs WHERE job_id = ?", [release.job_id]
                 ).fetchone()
                 assert tuple(row) == (release.tenant_tag, release.user_tag)
+        return [record.job.idempotency_key for record in claim.records]
     finally:
         db.conn.rollback()
         db.conn.close()
@@ -218,10 +225,94 @@ def test_a_claim_releases_what_reading_every_held_job_released(
         _compare(path, window, per_model, with_new)
 
 
+def test_a_model_that_fills_during_a_claim_makes_a_tenants_oldest_job_newer(
+    tmp_path: Path,
+) -> None:
+    """g2's oldest job needs model a, whose window fills with g1's job: g2's next job,
+    of model b, is newer than g3's, so g3 goes first. (Read before the claim, g2's place
+    was ahead of g3's: it must be read again once a model fills.)"""
+    path = tmp_path / "ledger.sqlite3"
+    a, b = MODELS[1], MODELS[2]
+    jobs = [Held("g1", 0, a), Held("g2", 1, a), Held("g3", 2, b), Held("g2", 1, b)]
+    asyncio.run(_build(path, jobs, []))
+
+    assert _compare(path, window=1, per_model=True, with_new=False) == ["job-0", "job-2"]
+
+
+def test_a_model_that_fills_during_a_claim_makes_a_users_oldest_job_newer(
+    tmp_path: Path,
+) -> None:
+    """One tenant, a window of one per model. u0's job fills a; u1's next (b) waits
+    behind u2's, which fills b; then u1's next (no model) is newer than u3's, so u3
+    goes: each model that fills makes u1's place later."""
+    path = tmp_path / "ledger.sqlite3"
+    none, a, b = MODELS
+    jobs = [
+        Held("g1", 0, a),
+        Held("g1", 1, a),
+        Held("g1", 2, b),
+        Held("g1", 1, b),
+        Held("g1", 3, none),
+        Held("g1", 1, none),
+    ]
+    asyncio.run(_build(path, jobs, []))
+
+    assert _compare(path, window=1, per_model=True, with_new=False) == [
+        "job-0",
+        "job-2",
+        "job-4",
+    ]
+
+
+def test_a_model_that_fills_makes_the_admitted_jobs_user_wait_its_turn(
+    tmp_path: Path,
+) -> None:
+    """u1's place is known before the claim reads its tenant's other users (its job is
+    being admitted, not yet written): its oldest job needs a, which u0's job fills. Its
+    next is the admitted one, newer than u2's: u2 goes first."""
+    path = tmp_path / "ledger.sqlite3"
+    none, a, b = MODELS
+    asyncio.run(_build(path, [Held("g1", 0, a), Held("g1", 1, a), Held("g1", 2, b)], []))
+
+    released = _compare(path, window=1, per_model=True, with_new=True, new_model=none)
+
+    assert released == ["job-0", "job-2", "job-10000"]
+
+
+def test_tenants_whose_oldest_jobs_were_made_at_the_same_moment_go_by_job_id(
+    tmp_path: Path,
+) -> None:
+    """g1 and g2 each have a job made at the same moment; g1's has the smaller id, so g1
+    goes first, as in ``fair_order``. The grouped read of the tenants gives one job id
+    of each group's oldest, here g1's larger one (u0's, first in the index)."""
+    path = tmp_path / "ledger.sqlite3"
+    moment = utcnow()
+
+    async def build() -> None:
+        ledger = Ledger(path)
+        await ledger.open()
+        try:
+            for n, (tenant, user, job_id) in enumerate(
+                [("g1", "u0", "z"), ("g1", "u1", "a"), ("g2", "u0", "m")]
+            ):
+                job = make_job(n, user=user, tenant=tenant)
+                await ledger.admit(
+                    job.model_copy(update={"job_id": job_id, "created_at": moment}), window=0
+                )
+        finally:
+            await ledger.close()
+
+    asyncio.run(build())
+
+    assert _compare(path, window=1, per_model=False, with_new=False) == ["job-1"]
+
+
 async def test_a_claim_reads_the_held_jobs_from_the_index_alone(tmp_path: Path) -> None:
     """Each statement that reads the unclaimed held jobs searches ``idx_jobs_unclaimed``
-    and reads nothing else (no table row, no sort): its cost is an index entry per held
-    job. The lapsed claims are a range of the window's index."""
+    and reads no table row: its cost is an index entry per held job it looks at. Only
+    the tenants' read (grouped by tenant and model) and the read of a tenant's users
+    (by their places) sort, in SQLite; users are read only as far as the claim goes.
+    The lapsed claims are a range of the window's index (made unclaimed)."""
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     await ledger.open()
     try:
@@ -229,7 +320,7 @@ async def test_a_claim_reads_the_held_jobs_from_the_index_alone(tmp_path: Path) 
             await ledger.admit(_job(n, Held("g1", n % 3, MODELS[n % 2])), window=0)
         statements: list[str] = []
 
-        def claim(db: sqlite_utils.Database) -> list[list[str]]:
+        def claim(db: sqlite_utils.Database) -> list[tuple[str, list[str]]]:
             db.conn.set_trace_callback(statements.append)
             try:
                 with db.conn:
@@ -237,7 +328,7 @@ async def test_a_claim_reads_the_held_jobs_from_the_index_alone(tmp_path: Path) 
             finally:
                 db.conn.set_trace_callback(None)
             return [
-                [str(step[3]) for step in db.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall()]
+                (sql, [str(step[3]) for step in db.execute(f"EXPLAIN QUERY PLAN {sql}")])
                 for sql in statements
                 if "idx_jobs_unclaimed" in sql or "claimed_at <" in sql
             ]
@@ -245,10 +336,15 @@ async def test_a_claim_reads_the_held_jobs_from_the_index_alone(tmp_path: Path) 
         plans = await ledger._run(claim)
     finally:
         await ledger.close()
-    # The lapsed claims, a range of idx_jobs_window (claimed before the lapse: none
-    # here); then the users' oldest, then each user's next per model.
-    lapsed, *unclaimed = plans
-    assert len(unclaimed) == 1 + 3 * 2
-    for plan in unclaimed:
-        assert len(plan) == 1 and "COVERING INDEX idx_jobs_unclaimed" in plan[0], plan
+    (lapsed_sql, lapsed), *unclaimed = plans
+    assert lapsed_sql.startswith("UPDATE jobs SET claimed_at = NULL")
     assert len(lapsed) == 1 and "idx_jobs_window" in lapsed[0] and "claimed_at<?" in lapsed[0]
+    # The tenants, g1's users in order, then each user's oldest jobs per model (three
+    # users: u0 is served twice, read once).
+    assert len(unclaimed) == 1 + 1 + 3
+    for sql, plan in unclaimed:
+        searches = [step for step in plan if "jobs" in step and "fair_tags" not in step]
+        assert searches and all("COVERING INDEX idx_jobs_unclaimed" in s for s in searches), plan
+        sorts = [step for step in plan if "TEMP B-TREE" in step]
+        assert not sorts or "GROUP BY tenant, model" in sql or "ORDER BY tag, first" in sql
+    assert sum("ORDER BY tag, first" in sql for sql, _ in unclaimed) == 1
