@@ -13,10 +13,12 @@ model affinity about 40 ms, most of it in Python (``bench.backlog --users``).
 Here SQLite does the reading and ordering, and Python takes from it only what the claim
 releases:
 
-* the tenants with jobs held, one row each, with their last tenant tag (one grouped
-  read of ``idx_jobs_unclaimed``, where a tenant is a key prefix);
+* the tenants with jobs held, a row per tenant and model: how many, and the oldest
+  (one grouped read of ``idx_jobs_unclaimed_models``, in its order), and each tenant's
+  last tags;
 * when a tenant is first served, its users in order of (last user tag, oldest job),
-  from a cursor that SQLite sorted: Python steps only as far as the claim goes;
+  from a cursor over ``idx_jobs_unclaimed`` that SQLite sorted: Python steps only as
+  far as the claim goes (read again when a model fills meanwhile);
 * when a user is first served, its oldest jobs of each model (the window's room for
   that model is how many it can release).
 
@@ -212,9 +214,11 @@ class ClaimOrder:
         """The tenants with jobs held, per model: how many, and the oldest (counts the
         held jobs); the lane's clocks."""
         db, lane = self._db, self._lane
-        # MIN(created_at) makes the bare job_id that of an oldest job (SQLite's rule).
+        # In the order of idx_jobs_unclaimed_models: no sort. MIN(created_at) makes the
+        # bare job_id that of an oldest job (SQLite's rule).
         rows: list[tuple[Any, ...]] = db.execute(
-            f"SELECT tenant, model, COUNT(*), MIN(created_at), job_id {UNCLAIMED} "
+            "SELECT tenant, model, COUNT(*), MIN(created_at), job_id "
+            f"{UNCLAIMED.replace('idx_jobs_unclaimed', 'idx_jobs_unclaimed_models')} "
             "GROUP BY tenant, model",
             [lane],
         ).fetchall()
