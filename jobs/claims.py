@@ -46,18 +46,44 @@ import sqlite_utils
 
 from jobs.fairness import Clocks, Release, Tags, Waiting
 
-#: The held jobs of a lane that no release has claimed, read through the covering
-#: partial index (a job's columns here are all in it: no table row is read).
-UNCLAIMED = (
-    "FROM jobs INDEXED BY idx_jobs_unclaimed WHERE lane = ? AND status = 'queued' "
-    "AND published = 0 AND claimed_at IS NULL"
-)
+
+def unclaimed(index: str = "idx_jobs_unclaimed") -> str:
+    """FROM and WHERE of the held jobs of a lane (its parameter) that no release has
+    claimed, read through ``index``, a covering partial index of them (the columns read
+    here are all in it: no table row is read)."""
+    return (
+        f"FROM jobs INDEXED BY {index} WHERE lane = ? AND status = 'queued' "
+        "AND published = 0 AND claimed_at IS NULL"
+    )
+
+
+UNCLAIMED = unclaimed()
 #: A job's age and id as one string that sorts as (created_at, job_id) does: ' ' sorts
 #: before every character of an ISO time.
 _FIRST = "created_at || ' ' || job_id"
 
 #: (last tag, created_at, job_id): a tenant's or user's place; smaller goes first.
 Key = tuple[int, str, str]
+
+
+def lane_clock(db: sqlite_utils.Database, lane: str) -> int:
+    """The tenant tag of ``lane``'s last release (0: none yet)."""
+    (clock,) = db.execute(
+        "SELECT COALESCE(MAX(tenant_tag), 0) FROM fair_tags WHERE lane = ?", [lane]
+    ).fetchone()
+    return int(clock)
+
+
+def last_tags(db: sqlite_utils.Database, lane: str, tenant: str) -> tuple[int, int] | None:
+    """``tenant``'s last tenant tag and its clock (None: never served in ``lane``). A
+    tenant's tags grow with each of its releases, so its last release's row holds both:
+    one step down ``idx_fair_tags_tenant``."""
+    last = db.execute(
+        "SELECT tenant_tag, user_tag FROM fair_tags WHERE lane = ? AND tenant = ? "
+        "ORDER BY tenant_tag DESC LIMIT 1",
+        [lane, tenant],
+    ).fetchone()
+    return None if last is None else (int(last[0]), int(last[1]))
 
 
 def _first(joined: str) -> tuple[str, str]:
@@ -138,8 +164,11 @@ class ClaimOrder:
                     tenant.cursor.close()  # read no further, before the claim writes
 
     def _releases(self, limit: int | None) -> list[tuple[Release, Waiting]]:
-        clocks = self._start()
+        self._read_held()
         models = {model for tenant in self._tenants.values() for model in tenant.counts}
+        if all(self._room(model) <= 0 for model in models):
+            return []  # every model held waits for room: no tags to read
+        clocks = self._clocks()
         heap: list[tuple[Key, str]] = []
         for name, tenant in self._tenants.items():
             key = self._tenant_key(clocks, tenant)
@@ -181,15 +210,19 @@ class ClaimOrder:
         its tag is the lane's newest, which no other tenant has: its oldest job decides
         nothing. Before that, its oldest job that may go is the oldest, as the claim
         began, of the models that have room."""
-        may_go = [
-            model for model, count in tenant.counts.items() if count > 0 and self._room(model) > 0
-        ]
+        may_go = self._may_go(tenant)
         if not may_go:
             return None
         tag = clocks.tenant_last.get(tenant.name, 0)
         if tenant.served:
             return (tag, "", "")
         return (tag, *min(tenant.firsts[model] for model in may_go))
+
+    def _may_go(self, tenant: _Tenant) -> list[str | None]:
+        """The models of ``tenant``'s held jobs that have room now."""
+        return [
+            model for model, count in tenant.counts.items() if count > 0 and self._room(model) > 0
+        ]
 
     def _room(self, model: str | None) -> int:
         return self._left.setdefault(model, self._default)
@@ -210,15 +243,15 @@ class ClaimOrder:
             parts.append("model IS NULL")
         return "(" + (" OR ".join(parts) or "0") + ")", named
 
-    def _start(self) -> Clocks:
-        """The tenants with jobs held, per model: how many, and the oldest (counts the
-        held jobs); the lane's clocks."""
+    def _read_held(self) -> None:
+        """The tenants with jobs held, per model: how many, and the oldest. Counts the
+        held jobs."""
         db, lane = self._db, self._lane
         # In the order of idx_jobs_unclaimed_models: no sort. MIN(created_at) makes the
         # bare job_id that of an oldest job (SQLite's rule).
         rows: list[tuple[Any, ...]] = db.execute(
             "SELECT tenant, model, COUNT(*), MIN(created_at), job_id "
-            f"{UNCLAIMED.replace('idx_jobs_unclaimed', 'idx_jobs_unclaimed_models')} "
+            f"{unclaimed('idx_jobs_unclaimed_models')} "
             "GROUP BY tenant, model",
             [lane],
         ).fetchall()
@@ -237,22 +270,19 @@ class ClaimOrder:
         for created_at, names in moments.items():
             if len(names) > 1:  # tenants tie on an age: the smallest job id decides
                 self._exact_ids(created_at, names)
-        (lane_clock,) = db.execute(
-            "SELECT COALESCE(MAX(tenant_tag), 0) FROM fair_tags WHERE lane = ?", [lane]
-        ).fetchone()
+
+    def _clocks(self) -> Clocks:
+        """The lane's clock, and the last tags of the tenants with a job that may go (the
+        others take no part in this claim)."""
         tenant_last: dict[str, int] = {}
         tenant_clock: dict[str, int] = {}
-        for name in self._tenants:
-            # A tenant's tags grow with each of its releases: its last release's row
-            # holds its last tenant tag and its clock.
-            last = db.execute(
-                "SELECT tenant_tag, user_tag FROM fair_tags WHERE lane = ? AND tenant = ? "
-                "ORDER BY tenant_tag DESC LIMIT 1",
-                [lane, name],
-            ).fetchone()
+        for name, tenant in self._tenants.items():
+            if not self._may_go(tenant):
+                continue
+            last = last_tags(self._db, self._lane, name)
             if last is not None:
-                tenant_last[name], tenant_clock[name] = int(last[0]), int(last[1])
-        return Clocks(Tags(int(lane_clock), tenant_last, tenant_clock, {}))
+                tenant_last[name], tenant_clock[name] = last
+        return Clocks(Tags(lane_clock(self._db, self._lane), tenant_last, tenant_clock, {}))
 
     def _exact_ids(self, created_at: str, names: set[str]) -> None:
         """For ``names``' oldest jobs made at ``created_at``: the smallest job id of

@@ -27,7 +27,7 @@ import sqlite_utils
 import structlog
 
 from jobs import quotas
-from jobs.claims import ClaimOrder
+from jobs.claims import ClaimOrder, lane_clock, last_tags
 from jobs.fairness import Release, Tags, Waiting, fair_order
 from jobs.models import (
     Accepted,
@@ -945,15 +945,13 @@ def _tags(db: sqlite_utils.Database, lane: str, waiting: list[Waiting]) -> Tags:
     """The tags the releases of ``lane`` left that ordering ``waiting`` needs."""
     if not waiting:
         return Tags(0, {}, {}, {})
-    (lane_clock,) = db.execute(
-        "SELECT COALESCE(MAX(tenant_tag), 0) FROM fair_tags WHERE lane = ?", [lane]
-    ).fetchone()
+    clock = lane_clock(db, lane)
     users: dict[str, set[str]] = {}
     for job in waiting:
         users.setdefault(job.tenant, set()).add(job.user)
     if len(users) > _TENANTS_PER_READ:
-        return _lane_tags(db, lane, int(lane_clock))
-    return _waiting_tags(db, lane, int(lane_clock), users)
+        return _lane_tags(db, lane, clock)
+    return _waiting_tags(db, lane, clock, users)
 
 
 def _waiting_tags(
@@ -968,14 +966,10 @@ def _waiting_tags(
     tenant_clock: dict[str, int] = {}
     user_last: dict[tuple[str, str], int] = {}
     for tenant, names in users.items():
-        last = db.execute(
-            "SELECT tenant_tag, user_tag FROM fair_tags WHERE lane = ? AND tenant = ? "
-            "ORDER BY tenant_tag DESC LIMIT 1",
-            [lane, tenant],
-        ).fetchone()
+        last = last_tags(db, lane, tenant)
         if last is None:  # never served: no user of it was either
             continue
-        tenant_last[tenant], tenant_clock[tenant] = int(last[0]), int(last[1])
+        tenant_last[tenant], tenant_clock[tenant] = last
         ordered = sorted(names)
         for at in range(0, len(ordered), _USERS_PER_READ):
             chunk = ordered[at : at + _USERS_PER_READ]
