@@ -22,6 +22,10 @@ releases:
 * when a user is first served, its oldest jobs of each model (the window's room for
   that model is how many it can release).
 
+A tenant none of whose jobs the file holds (only the job being admitted is held: the
+common case while renderers keep up) needs neither of the last two reads: its one user
+and job are known.
+
 Every key only grows while a claim goes on: a tenant or user served takes the newest
 tag of its lane or tenant, and a model whose window fills takes its jobs out of the
 order (with model affinity), so a user's or tenant's oldest job can only get newer. So
@@ -116,13 +120,17 @@ class _Tenant:
     #: of them as the claim began: (created_at, job_id).
     counts: dict[str | None, int] = field(default_factory=dict)
     firsts: dict[str | None, tuple[str, str]] = field(default_factory=dict)
+    #: Whether the file holds any of its jobs (else only the job being admitted is
+    #: held: its users and jobs need no reading, the common case while renderers keep up).
+    stored: bool = False
     #: Whether this claim released one of its jobs (its tag is then the lane's newest).
     served: bool = False
     #: Its users in order of their keys as SQLite read them (lower bounds), the next of
     #: them, and how many models had filled when that read began.
     cursor: sqlite3.Cursor | None = None
     ahead: tuple[Key, str] | None = None
-    drops: int = 0
+    #: How many models had filled when its users were last read (-1: never read).
+    drops: int = -1
     #: Its users read so far, by key (checked again when taken).
     heap: list[tuple[Key, str]] = field(default_factory=list)
     users: dict[str, _User] = field(default_factory=dict)
@@ -255,13 +263,15 @@ class ClaimOrder:
             "GROUP BY tenant, model",
             [lane],
         ).fetchall()
+        stored = len(rows)
         new = self._new
         if new is not None:
             rows.append((new.tenant, new.model, 1, new.created_at, new.job_id))
         moments: dict[str, set[str]] = {}
-        for raw, model, count, created_at, job_id in rows:
+        for at, (raw, model, count, created_at, job_id) in enumerate(rows):
             self.held += count
             tenant = self._tenants.setdefault(raw or "", _Tenant(raw or ""))
+            tenant.stored = tenant.stored or at < stored
             tenant.counts[model] = tenant.counts.get(model, 0) + count
             first = (created_at, job_id)
             known = tenant.firsts.get(model)
@@ -302,7 +312,7 @@ class ClaimOrder:
 
     def _next_user(self, clocks: Clocks, tenant: _Tenant) -> _User | None:
         """``tenant``'s user whose job goes next, or None: none of its jobs may go."""
-        if tenant.cursor is None or tenant.drops < self._drops:
+        if tenant.drops < self._drops:
             # (Again after a model filled: its jobs' users would be read one by one.)
             self._open(clocks, tenant)
         while True:
@@ -311,7 +321,7 @@ class ClaimOrder:
                 (tag, _, _), name = tenant.ahead
                 tenant.ahead = self._step(tenant)
                 if name not in tenant.users:  # (a user stored both as NULL and "": once)
-                    self._push(clocks, tenant, self._load(clocks, tenant.name, name, tag))
+                    self._push(clocks, tenant, self._load(clocks, tenant, name, tag))
                 continue
             if top is None:
                 return None
@@ -339,7 +349,10 @@ class ClaimOrder:
             clause, skipped = _is("jobs.user", new.user)
             skip = f" AND NOT {clause}"
             if new.user not in tenant.users:
-                self._push(clocks, tenant, self._load(clocks, tenant.name, new.user, None))
+                self._push(clocks, tenant, self._load(clocks, tenant, new.user, None))
+        if not tenant.stored:  # nobody else's jobs to read
+            tenant.cursor, tenant.ahead = None, None
+            return
         # The user's tag joined from fair_tags (no row: 0); the other columns named are
         # the job's (fair_tags has no model, created_at or job_id).
         tenant.cursor = self._db.execute(
@@ -363,23 +376,25 @@ class ClaimOrder:
         user, first, tag = row
         return (int(tag), *_first(str(first))), user or ""
 
-    def _load(self, clocks: Clocks, tenant: str, name: str, tag: int | None) -> _User:
+    def _load(self, clocks: Clocks, of: _Tenant, name: str, tag: int | None) -> _User:
         """A user's oldest held jobs of each model, as many as that model's room now (it
         can release no more of them), with the job being admitted if it is theirs; and
         its last user tag (``tag``, else read)."""
-        db = self._db
-        tenant_is, tenant_raws = _is("tenant", tenant)
-        user_is, user_raws = _is("user", name)
-        reach = max([self._default, *self._left.values()])
-        listed = [
-            Waiting(job_id, tenant, name, created_at, model)
-            for job_id, created_at, model in db.execute(
-                "SELECT job_id, created_at, model FROM (SELECT job_id, created_at, model, "
-                "ROW_NUMBER() OVER (PARTITION BY model ORDER BY created_at, job_id) AS n "
-                f"{UNCLAIMED} AND {tenant_is} AND {user_is}) WHERE n <= ?",
-                [self._lane, *tenant_raws, *user_raws, reach],
-            ).fetchall()
-        ]
+        db, tenant = self._db, of.name
+        listed: list[Waiting] = []
+        if of.stored:
+            tenant_is, tenant_raws = _is("tenant", tenant)
+            user_is, user_raws = _is("user", name)
+            reach = max([self._default, *self._left.values()])
+            listed = [
+                Waiting(job_id, tenant, name, created_at, model)
+                for job_id, created_at, model in db.execute(
+                    "SELECT job_id, created_at, model FROM (SELECT job_id, created_at, model, "
+                    "ROW_NUMBER() OVER (PARTITION BY model ORDER BY created_at, job_id) AS n "
+                    f"{UNCLAIMED} AND {tenant_is} AND {user_is}) WHERE n <= ?",
+                    [self._lane, *tenant_raws, *user_raws, reach],
+                ).fetchall()
+            ]
         new = self._new
         if new is not None and (new.tenant, new.user) == (tenant, name):
             listed.append(new)

@@ -350,3 +350,37 @@ async def test_a_claim_reads_the_held_jobs_from_the_index_alone(tmp_path: Path) 
     tenants = unclaimed[0][1]
     assert len(tenants) == 1 and "COVERING INDEX idx_jobs_unclaimed_models" in tenants[0]
     assert sum("ORDER BY tag, first" in sql for sql, _ in unclaimed) == 1
+
+
+async def test_an_admission_with_nothing_of_its_tenant_held_reads_no_users(
+    tmp_path: Path,
+) -> None:
+    """While renderers keep up, the job being admitted is its tenant's only held job: the
+    claim reads the tenants' counts, and of g1's users nothing (no read of its users in
+    order, none of its user's jobs). g2's held job, older, still goes first: its users
+    are read."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    await ledger.open()
+    try:
+        await ledger.admit(_job(0, Held("g2", 0, None)), window=0)  # held
+        admitted = _job(1, Held("g1", 1, None))
+        statements: list[str] = []
+
+        def claim(db: sqlite_utils.Database) -> list[str]:
+            db.conn.set_trace_callback(statements.append)
+            try:
+                with db.conn:
+                    found, _ = _claim(db, "fast", 2, utcnow(), admitted=admitted)
+            finally:
+                db.conn.set_trace_callback(None)
+            return [record.job.idempotency_key for record in found.records]
+
+        released = await ledger._run(claim)
+    finally:
+        await ledger.close()
+    assert released == ["job-0", "job-1"]
+    reads = [sql for sql in statements if "idx_jobs_unclaimed" in sql]
+    # The tenants' counts; g2's users in order; g2's user's jobs. Nothing of g1's.
+    assert len(reads) == 3, reads
+    assert "idx_jobs_unclaimed_models" in reads[0]
+    assert all("'g1'" not in sql for sql in reads[1:]), reads
