@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from bisect import bisect_left
 from collections.abc import Container
 from contextlib import suppress
 from dataclasses import dataclass
@@ -65,6 +66,24 @@ INLINE_HELD = 200
 QUOTA_FRESH_SECONDS = 1.0
 QUOTA_CACHE_TENANTS = 4096
 
+#: A lane's positions (:meth:`Ledger.position`) come from an order of its held jobs made
+#: for one state of the file. Every queued job's card asks every
+#: ``POSITION_REFRESH_SECONDS`` (the bot) or every second (the API's stream), and each
+#: admission, release and event changes the file: ordering again for each change took
+#: the whole worker thread at 10,000 held, and admissions waited behind it for the file
+#: (``bench.positions``). So an order of more than ``POSITION_EXACT_HELD`` held jobs (about
+#: 10 ms of work on the session-11 machine) answers from memory, whatever changed, for
+#: ``POSITION_STALE_FACTOR`` times as long as it took to make (at most
+#: ``POSITION_STALE_MAX_SECONDS``); a job held since it was made has the next order made
+#: for it, but not before ``POSITION_RENEW_FACTOR`` times as long: ordering then takes at
+#: most one part in ``POSITION_RENEW_FACTOR`` of the thread. A smaller backlog is ordered
+#: again after every change (exact): a count, not a time, decides, so a slow moment of
+#: the machine never makes a small backlog's answers late.
+POSITION_EXACT_HELD = 500
+POSITION_STALE_FACTOR = 20
+POSITION_STALE_MAX_SECONDS = 5.0
+POSITION_RENEW_FACTOR = 4
+
 
 @dataclass(frozen=True, slots=True)
 class Claim:
@@ -76,6 +95,31 @@ class Claim:
     #: The held jobs of the lane it counted to choose them (its cost grows with them);
     #: None: it read none (no window, or no room in it).
     held: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Order:
+    """The held jobs of a lane ordered for one state of the file (:meth:`Ledger._places`)."""
+
+    #: (PRAGMA data_version, the connection's total_changes) when it was made.
+    state: tuple[int, int]
+    #: Each held job's place in the fair order of them all, and among its model's.
+    places: dict[str, tuple[int, int]]
+    #: Each queued job's position (held and released) as it was then.
+    positions: dict[str, int]
+    #: Until when (``time.monotonic``) it answers whatever changed since; 0: never.
+    until: float
+    #: From when a job newer than it may have the next one made.
+    renew: float
+
+
+class _OrderLater(Exception):
+    """The lane's order answers for a while yet, and the job is newer than it: ask
+    again at ``until`` (:meth:`Ledger.position`)."""
+
+    def __init__(self, until: float) -> None:
+        super().__init__(until)
+        self.until = until
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +182,8 @@ class Ledger:
         self._admitting: asyncio.Task[None] | None = None
         #: lane -> the held jobs its last claim counted (:data:`INLINE_HELD`).
         self._held: dict[str, int] = {}
-        #: lane -> (the file's state, each held job's places) (:meth:`_places`).
-        self._orders: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
+        #: lane -> its held jobs' order, and its positions (:meth:`_places`).
+        self._orders: dict[str, _Order] = {}
         #: tenant -> (when read, its stored limits, EVERYONE's) (:meth:`quota`).
         self._quotas: dict[
             str, tuple[float, quotas.QuotaSettings | None, quotas.QuotaSettings | None]
@@ -548,55 +592,78 @@ class Ledger:
         """Where a queued job stands in its lane among this ledger's jobs, 1 = next, or
         None when it is not queued: a released job counts the ones released before it;
         a held one counts every released job and the held ones the fair order puts
-        before it."""
-        # Released jobs are counted in the order their "published" marks were written:
-        # write the confirms still waiting first.
-        await self.flush()
+        before it. With a large backlog the answer may be up to
+        ``POSITION_STALE_FACTOR`` times the order's cost old (see there)."""
+        while True:
+            kept = self._kept_position(job_id)
+            if kept is not None:
+                return kept
+            # Released jobs are counted in the order their "published" marks were
+            # written: write the confirms still waiting first.
+            await self.flush()
+            try:
+                return await self._run(partial(self._position, job_id=job_id))
+            except _OrderLater as later:
+                await asyncio.sleep(max(0.0, later.until - time.monotonic()))
 
-        def position(db: sqlite_utils.Database) -> int | None:
-            with snapshot(db):  # the row and the order of one state of the file
-                return read(db)
+    def _kept_position(self, job_id: str) -> int | None:
+        """``job_id``'s position from an order that still answers (None: none does)."""
+        now = time.monotonic()
+        for order in self._orders.values():
+            if now < order.until and (kept := order.positions.get(job_id)) is not None:
+                return kept
+        return None
 
-        def read(db: sqlite_utils.Database) -> int | None:
+    def _position(self, db: sqlite_utils.Database, job_id: str) -> int | None:
+        with snapshot(db):  # the row and the order of one state of the file
             rows = list(db.table("jobs").rows_where("job_id = ?", [job_id]))
             if not rows or rows[0]["status"] != JobStatus.QUEUED.value:
                 return None
             row = rows[0]
+            lane = row["lane"]
             # With model affinity a job waits behind its model's jobs only (its model's
             # queue), until the bound sends it to the lane's queue.
             model = row["model"] if self.per_model and row["model"] is not None else None
-            same = "" if model is None else " AND model = ?"
             if row["published"] or job_id in self._confirmed:
+                same = "" if model is None else " AND model = ?"
                 ahead = db.execute(
                     "SELECT COUNT(*) FROM jobs WHERE status = ? AND lane = ? AND published = 1 "
                     f"AND COALESCE(released_at, created_at) < ?{same}",
                     [
                         JobStatus.QUEUED.value,
-                        row["lane"],
+                        lane,
                         row["released_at"] or row["created_at"],
                         *([] if model is None else [model]),
                     ],
                 ).fetchone()[0]
                 return int(ahead) + 1
-            place, among_model = self._places(db, row["lane"])[job_id]
+            order = self._places(db, lane, job_id)
+            if job_id in order.positions and order.until:  # made just now, or answering
+                return order.positions[job_id]
+            place, among_model = order.places[job_id]
             if model is None:
-                return _waiting_at_broker(db, row["lane"]) + place
-            return _waiting_by_model(db, row["lane"]).get(model, 0) + among_model
+                return _waiting_at_broker(db, lane) + place
+            return _waiting_by_model(db, lane).get(model, 0) + among_model
 
-        return await self._run(position)
-
-    def _places(self, db: sqlite_utils.Database, lane: str) -> dict[str, tuple[int, int]]:
-        """Each held job of ``lane``: its place in the fair order of them all, and among
-        those of its model (1 = next). Ordered once for each state of the file, and kept
-        until anything in it changes: every queued job's card asks for its position over
-        and over, and a backlog of 10,000 takes about 50 ms to read and order. The state
-        is the connection's own changes (``total_changes``) and the other connections'
-        commits (``PRAGMA data_version``); any change, to any table, orders again."""
+    def _places(self, db: sqlite_utils.Database, lane: str, job_id: str) -> _Order:
+        """The order of ``lane``'s held jobs (``job_id`` among them): made once for each
+        state of the file, and kept until the connection's own changes
+        (``total_changes``) or another connection's commit (``PRAGMA data_version``) say
+        it changed; or, for a large backlog, for a while whatever changed
+        (:data:`POSITION_STALE_FACTOR`). Raises :class:`_OrderLater` when the job is newer
+        than that order and the next may not be made yet (:data:`POSITION_RENEW_FACTOR`)."""
         (others,) = db.execute("PRAGMA data_version").fetchone()
         state = (int(others), db.conn.total_changes)
         known = self._orders.get(lane)
-        if known is not None and known[0] == state:
-            return known[1]
+        if known is not None and known.state == state:
+            return known
+        now = time.monotonic()
+        if known is not None and now < known.until:
+            if job_id in known.places:
+                return known
+            if now < known.renew:
+                raise _OrderLater(known.renew)
+        began = time.perf_counter()
         waiting, tags = _fair_state(db, lane)
         models = {job.job_id: job.model for job in waiting}
         per_model: dict[str | None, int] = {}
@@ -605,8 +672,51 @@ class Ledger:
             model = models[release.job_id]
             per_model[model] = per_model.get(model, 0) + 1
             places[release.job_id] = (place, per_model[model])
-        self._orders[lane] = (state, places)
-        return places
+        spent = time.perf_counter() - began
+        until = renew = 0.0
+        positions: dict[str, int] = {}
+        if len(waiting) > POSITION_EXACT_HELD:  # answers for a while: every position now
+            now = time.monotonic()
+            until = now + min(POSITION_STALE_FACTOR * spent, POSITION_STALE_MAX_SECONDS)
+            renew = now + min(POSITION_RENEW_FACTOR * spent, POSITION_STALE_MAX_SECONDS)
+            positions = self._positions_now(db, lane, places, models)
+        order = _Order(state, places, positions, until, renew)
+        self._orders[lane] = order
+        return order
+
+    def _positions_now(
+        self,
+        db: sqlite_utils.Database,
+        lane: str,
+        places: dict[str, tuple[int, int]],
+        models: dict[str, str | None],
+    ) -> dict[str, int]:
+        """Every queued job's position in ``lane`` in this state of the file, as
+        :meth:`_position` tells one: the released ones in the order of their release
+        (ties share a place), then the held ones in ``places``."""
+        released = db.execute(
+            "SELECT job_id, model, COALESCE(released_at, created_at) AS moment FROM jobs "
+            "WHERE status = ? AND lane = ? AND published = 1 ORDER BY moment",
+            [JobStatus.QUEUED.value, lane],
+        ).fetchall()
+        moments: dict[str | None, list[str]] = {None: []}  # in all (None), and per model
+        for _, model, moment in released:
+            moments[None].append(moment)
+            if self.per_model and model is not None:
+                moments.setdefault(model, []).append(moment)
+        positions: dict[str, int] = {}
+        for job_id, model, moment in released:
+            among = moments[model if self.per_model and model is not None else None]
+            positions[job_id] = bisect_left(among, moment) + 1  # those released before
+        by_model = _waiting_by_model(db, lane) if self.per_model else {}
+        total = _waiting_at_broker(db, lane)
+        for job_id, (place, among_model) in places.items():
+            model = models[job_id]
+            if self.per_model and model is not None:
+                positions[job_id] = by_model.get(model, 0) + among_model
+            else:
+                positions[job_id] = total + place
+        return positions
 
     async def apply(self, event: Event) -> bool:
         """Record a persistent event. Returns False when it changes nothing: the job is

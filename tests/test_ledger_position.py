@@ -1,10 +1,12 @@
 """A held job's position (``Ledger.position``) comes from the fair order of every held
 job of its lane, ordered once for each state of the file (``Ledger._places``): every
 queued job's card asks again and again, and a backlog takes long to order. Any change
-to the file, by this ledger or another connection, orders again."""
+to the file, by this ledger or another connection, orders again; but an order that took
+long (a large backlog) answers for a while whatever changes (``POSITION_STALE_FACTOR``)."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -92,3 +94,91 @@ async def test_a_commit_between_the_row_and_the_order_does_not_lose_the_job(
     assert await ledger.position(second.job_id) == 2
     monkeypatch.setattr(ledger_module, "_fair_state", real)
     assert await ledger.position(second.job_id) == 1  # now published: first at the broker
+
+
+@pytest.fixture
+def slow_orders(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Every order counts as a large backlog's: it answers for WHILE seconds whatever
+    changes meanwhile (``POSITION_STALE_FACTOR``). Returns WHILE."""
+    monkeypatch.setattr(ledger_module, "POSITION_EXACT_HELD", 0)
+    monkeypatch.setattr(ledger_module, "POSITION_STALE_FACTOR", 1e9)
+    monkeypatch.setattr(ledger_module, "POSITION_STALE_MAX_SECONDS", WHILE)
+    monkeypatch.setattr(ledger_module, "POSITION_RENEW_FACTOR", 1e9)
+    return WHILE
+
+
+#: How long an order answers in the tests that shorten it (long enough for a few calls
+#: on a loaded machine).
+WHILE = 2.0
+
+
+async def test_a_large_backlogs_order_answers_for_a_while_whatever_changes(
+    ledger: Ledger, orders: list[str], slow_orders: float
+) -> None:
+    """With a large backlog, ordering again for every change took the whole worker
+    thread once thousands of cards asked (``bench.positions``): for a while the order
+    answers from memory, and a job held since waits for the next one."""
+    jobs = [job(n, user=f"u{0 if n < 4 else 1}") for n in range(6)]
+    for each in jobs:
+        await ledger.admit(each, window=0)
+    assert await ledger.position(jobs[1].job_id) == 3
+    newcomer = job(6, user="u2")
+    await ledger.admit(newcomer, window=0)  # u2's job goes before u0's second
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+
+    assert await ledger.position(jobs[1].job_id) == 3  # as the order was made
+    assert orders == ["fast"]
+    assert await ledger.position(newcomer.job_id) == 3  # once the next order is made
+    assert loop.time() - began >= slow_orders * 0.5
+    assert await ledger.position(jobs[1].job_id) == 4
+    assert orders == ["fast", "fast"]
+
+
+async def test_a_job_held_since_has_the_next_order_made_once_renewing_is_due(
+    ledger: Ledger, orders: list[str], slow_orders: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next order may be made sooner than the last stops answering
+    (``POSITION_RENEW_FACTOR``): a job held since then need not wait as long."""
+    monkeypatch.setattr(ledger_module, "POSITION_RENEW_FACTOR", 0)
+    jobs = [job(n, user=f"u{0 if n < 4 else 1}") for n in range(6)]
+    for each in jobs:
+        await ledger.admit(each, window=0)
+    assert await ledger.position(jobs[1].job_id) == 3
+    newcomer = job(6, user="u2")
+    await ledger.admit(newcomer, window=0)
+
+    assert await ledger.position(jobs[1].job_id) == 3  # the order still answers
+    assert await ledger.position(newcomer.job_id) == 3  # at once: a new order
+    assert await ledger.position(jobs[1].job_id) == 4  # which now answers
+    assert orders == ["fast", "fast"]
+
+
+async def test_a_kept_order_answers_what_an_exact_one_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An order that answers for a while keeps every queued job's position, released
+    ones included (per model, with model affinity): the same as each read alone."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3", per_model=True)
+    await ledger.open()
+    try:
+        models = [None, "a.safetensors", "b.safetensors"]
+        jobs = [job(n, models[n % 3], user=f"u{n % 4}") for n in range(24)]
+        for each in jobs:
+            await ledger.admit(each, window=0)
+        for record in (await ledger.release("fast", 3)).records:  # some released of each
+            await ledger.mark_published(record.job.job_id)
+        exact = [await ledger.position(each.job_id) for each in jobs]
+
+        monkeypatch.setattr(ledger_module, "POSITION_EXACT_HELD", 0)
+        monkeypatch.setattr(ledger_module, "POSITION_STALE_FACTOR", 1e9)
+        monkeypatch.setattr(ledger_module, "POSITION_STALE_MAX_SECONDS", 60.0)
+        passing = job(99, user="u9")
+        await ledger.admit(passing, window=0)  # a change: ordered again
+        await ledger.forget(passing.job_id)
+        kept = [await ledger.position(each.job_id) for each in jobs]
+        assert ledger._kept_position(jobs[0].job_id) is not None  # answered from memory
+    finally:
+        await ledger.close()
+    assert None not in exact and len(set(exact)) > 3
+    assert kept == exact
