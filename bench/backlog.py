@@ -52,6 +52,21 @@ def _job(n: int, users: int = 200) -> Job:
     )
 
 
+async def take_and_release(ledger: Ledger, window: int, published: list[str]) -> float:
+    """A renderer takes the first of ``published`` (an ``accepted`` event, untimed), and
+    the next jobs are released and confirmed (added to ``published``); how long the
+    release took."""
+    taken = published.pop(0)
+    await ledger.apply(Accepted(job_id=taken, attempt=1, worker_id="bench", seq=0))
+    began = time.perf_counter()
+    claim = await ledger.release("fast", window)
+    took = time.perf_counter() - began
+    for record in claim.records:
+        ledger.confirmed(record.job.job_id)
+        published.append(record.job.job_id)
+    return took
+
+
 def _quantiles(samples: list[float]) -> str:
     ordered = sorted(samples)
     p90 = ordered[int(len(ordered) * 0.9)]
@@ -86,14 +101,7 @@ async def measure(
 
             releases: list[float] = []
             for _ in range(samples):
-                taken = published.pop(0)
-                await ledger.apply(Accepted(job_id=taken, attempt=1, worker_id="bench", seq=0))
-                began = time.perf_counter()
-                claim = await ledger.release("fast", window)
-                releases.append(time.perf_counter() - began)
-                for record in claim.records:
-                    ledger.confirmed(record.job.job_id)
-                    published.append(record.job.job_id)
+                releases.append(await take_and_release(ledger, window, published))
                 await ledger.flush()
 
             # A queued job's card asks for its position after each change (orders the

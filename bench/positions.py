@@ -34,12 +34,12 @@ import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.backlog import _job
+from bench.backlog import _job, take_and_release
 from bench.common import quiet_logs
 from jobs.ledger import Ledger
-from jobs.models import Accepted
 
 WINDOW = 16
 
@@ -63,15 +63,21 @@ async def _every(period: float, until: float, one: Callable[[], Awaitable[None]]
         await asyncio.sleep(max(0.0, min(until, began + period) - loop.time()))
 
 
-async def measure(
-    backlog: int,
-    users: int,
-    every: float,
-    seconds: float,
-    admit: float,
-    release: float,
-    per_model: bool,
-) -> None:
+@dataclass(frozen=True)
+class Load:
+    """What the frontend is asked for (the command line's options)."""
+
+    users: int | None
+    every: float
+    seconds: float
+    admit: float
+    release: float
+    per_model: bool
+
+
+async def measure(backlog: int, load: Load) -> None:
+    users, every, seconds = load.users or backlog, load.every, load.seconds
+    admit, release, per_model = load.admit, load.release, load.per_model
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as folder:
         ledger = Ledger(Path(folder) / "ledger.sqlite3", per_model=per_model)
@@ -95,7 +101,10 @@ async def measure(
             until = loop.time() + seconds
 
             async def card(job_id: str) -> None:
-                await asyncio.sleep(random.uniform(0, every))
+                offset = random.uniform(0, every)
+                if loop.time() + offset >= until:
+                    return  # its first ask would come after the end
+                await asyncio.sleep(offset)
 
                 async def ask() -> None:
                     began = time.perf_counter()
@@ -125,16 +134,8 @@ async def measure(
                 first_positions.append(time.perf_counter() - began)
 
             async def release_one() -> None:
-                if not published:
-                    return
-                taken = published.pop(0)
-                await ledger.apply(Accepted(job_id=taken, attempt=1, worker_id="bench", seq=0))
-                began = time.perf_counter()
-                claim = await ledger.release("fast", WINDOW)
-                releases.append(time.perf_counter() - began)
-                for record in claim.records:
-                    ledger.confirmed(record.job.job_id)
-                    published.append(record.job.job_id)
+                if published:
+                    releases.append(await take_and_release(ledger, WINDOW, published))
 
             cpu = time.process_time()
             began = loop.time()
@@ -161,21 +162,14 @@ async def measure(
     )
 
 
-async def main(
-    backlogs: list[int],
-    users: int | None,
-    every: float,
-    seconds: float,
-    admit: float,
-    release: float,
-    per_model: bool,
-) -> None:
+async def main(backlogs: list[int], load: Load) -> None:
     print(
-        f"window {WINDOW}{' per model' if per_model else ''}; a card asks every {every} s; "
-        f"{admit} admissions and {release} releases a second; {seconds} s"
+        f"window {WINDOW}{' per model' if load.per_model else ''}; a card asks every "
+        f"{load.every} s; {load.admit} admissions and {load.release} releases a second; "
+        f"{load.seconds} s"
     )
     for backlog in backlogs:
-        await measure(backlog, users or backlog, every, seconds, admit, release, per_model)
+        await measure(backlog, load)
 
 
 if __name__ == "__main__":
@@ -189,14 +183,5 @@ if __name__ == "__main__":
     parser.add_argument("--per-model", action="store_true")
     args = parser.parse_args()
     quiet_logs()
-    asyncio.run(
-        main(
-            [int(b) for b in args.backlogs.split(",")],
-            args.users,
-            args.every,
-            args.seconds,
-            args.admit,
-            args.release,
-            args.per_model,
-        )
-    )
+    load = Load(args.users, args.every, args.seconds, args.admit, args.release, args.per_model)
+    asyncio.run(main([int(b) for b in args.backlogs.split(",")], load))
