@@ -147,6 +147,31 @@ def test_backlog(amqp_url: str, per_model: bool) -> None:
     assert [late != "" for *_, late in rows] == [lag for _, lag in steps] * 2, out
 
 
+def test_positions(amqp_url: str) -> None:
+    """Past 500 held jobs an order answers for a while (``POSITION_EXACT_HELD``): 600
+    takes that path, 20 the exact one."""
+    out = run_bench(
+        "bench.positions",
+        amqp_url,
+        *("--backlogs", "20,600", "--seconds", "2", "--every", "1"),
+    )
+    rows = re.findall(
+        rf"^(?:backlog\s+(\d+):|\s+) (admit|release|position|first)\s+median\s+{NUMBER} ms, "
+        rf"p99\s+{NUMBER} ms, longest\s+{NUMBER} ms",
+        out,
+        re.MULTILINE,
+    )
+    steps = ["admit", "release", "position", "first"]
+    assert [(backlog, step) for backlog, step, *_ in rows] == [
+        (backlog if at == 0 else "", step)
+        for backlog in ("20", "600")
+        for at, step in enumerate(steps)
+    ], out
+    assert all(0 <= float(a) <= float(b) <= float(c) for *_, a, b, c in rows), out
+    answered = re.findall(r"positions answered (\d+) of about (\d+) asked", out)
+    assert len(answered) == 2 and all(int(n) > 0 for n, _ in answered), out
+
+
 def test_affinity(amqp_url: str) -> None:
     out = run_bench(
         "bench.affinity",

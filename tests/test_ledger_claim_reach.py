@@ -384,3 +384,31 @@ async def test_an_admission_with_nothing_of_its_tenant_held_reads_no_users(
     assert len(reads) == 3, reads
     assert "idx_jobs_unclaimed_models" in reads[0]
     assert all("'g1'" not in sql for sql in reads[1:]), reads
+
+
+def test_no_tenant_and_an_empty_tenant_are_one_tenant(tmp_path: Path) -> None:
+    """A job without a tenant or user (the CLI's) and one whose tenant and user are ""
+    take turns as one tenant's one user, as in ``fair_order`` (which reads both as "")."""
+    path = tmp_path / "ledger.sqlite3"
+
+    async def build() -> None:
+        ledger = Ledger(path)
+        await ledger.open()
+        try:
+            for n in range(4):
+                made = make_job(n)  # no tenant, no user
+                if n % 2:
+                    origin = made.origin.model_copy(update={"tenant": "", "user": ""})
+                    made = made.model_copy(update={"origin": origin})
+                await ledger.admit(made, window=0)
+            await ledger.admit(make_job(4, user="u0", tenant="g1"), window=0)
+        finally:
+            await ledger.close()
+
+    asyncio.run(build())
+
+    assert _compare(path, window=3, per_model=False, with_new=False) == [
+        "job-0",
+        "job-4",
+        "job-1",
+    ]
