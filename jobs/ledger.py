@@ -18,7 +18,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Container
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -76,11 +76,9 @@ QUOTA_CACHE_TENANTS = 4096
 #: ``POSITION_STALE_FACTOR`` times as long as it took to make (at most
 #: ``POSITION_STALE_MAX_SECONDS``); a job held since it was made has the next order made
 #: for it, but not before ``POSITION_RENEW_FACTOR`` times as long: ordering then takes at
-#: most one part in ``POSITION_RENEW_FACTOR`` of the thread, one order at a time per
-#: lane, made after the held jobs are read and without the file, which admissions and
-#: releases then have (:meth:`Ledger._order`). A smaller backlog is ordered again after
-#: every change (exact): a count, not a time, decides, so a slow moment of the machine
-#: never makes a small backlog's answers late.
+#: most one part in ``POSITION_RENEW_FACTOR`` of the thread. A smaller backlog is ordered
+#: again after every change (exact): a count, not a time, decides, so a slow moment of
+#: the machine never makes a small backlog's answers late.
 POSITION_EXACT_HELD = 500
 POSITION_STALE_FACTOR = 20
 POSITION_STALE_MAX_SECONDS = 5.0
@@ -113,32 +111,6 @@ class _Order:
     until: float
     #: From when a job newer than it may have the next one made.
     renew: float
-
-
-@dataclass(slots=True)
-class _Unordered:
-    """A lane's held jobs and tags as one state of the file had them, to order
-    (:meth:`Ledger._ordered`); with a large backlog, what every position needs too."""
-
-    lane: str
-    state: tuple[int, int]
-    waiting: list[Waiting]
-    tags: Tags
-    #: When reading began (``time.perf_counter``): the order's cost counts it.
-    began: float
-    #: The released jobs (job id, model, moment of release) in that order, and the
-    #: counts at the broker in all and per model.
-    released: list[tuple[str, str | None, str]] = field(default_factory=list)
-    total: int = 0
-    by_model: dict[str | None, int] = field(default_factory=dict)
-
-
-class _OrderPending(Exception):
-    """Another caller is ordering ``lane`` (:meth:`Ledger._order`): wait for it."""
-
-    def __init__(self, lane: str) -> None:
-        super().__init__(lane)
-        self.lane = lane
 
 
 class _OrderLater(Exception):
@@ -210,10 +182,8 @@ class Ledger:
         self._admitting: asyncio.Task[None] | None = None
         #: lane -> the held jobs its last claim counted (:data:`INLINE_HELD`).
         self._held: dict[str, int] = {}
-        #: lane -> its held jobs' order, and its positions (:meth:`_places`); and the
-        #: lanes whose order is being made, done when it is (:meth:`_order`).
+        #: lane -> its held jobs' order, and its positions (:meth:`_places`).
         self._orders: dict[str, _Order] = {}
-        self._making: dict[str, asyncio.Future[None]] = {}
         #: tenant -> (when read, its stored limits, EVERYONE's) (:meth:`quota`).
         self._quotas: dict[
             str, tuple[float, quotas.QuotaSettings | None, quotas.QuotaSettings | None]
@@ -632,20 +602,9 @@ class Ledger:
             # written: write the confirms still waiting first.
             await self.flush()
             try:
-                found = await self._run(partial(self._position, job_id=job_id))
+                return await self._run(partial(self._position, job_id=job_id))
             except _OrderLater as later:
                 await asyncio.sleep(max(0.0, later.until - time.monotonic()))
-                continue
-            except _OrderPending as pending:
-                await self._made(pending.lane)
-                continue
-            if not isinstance(found, _Unordered):
-                return found
-            if found.lane in self._making:  # another caller's order began meanwhile
-                await self._made(found.lane)
-                continue
-            order = await self._order(found)
-            return order.positions[job_id]
 
     def _kept_position(self, job_id: str) -> int | None:
         """``job_id``'s position from an order that still answers (None: none does)."""
@@ -655,29 +614,7 @@ class Ledger:
                 return kept
         return None
 
-    async def _made(self, lane: str) -> None:
-        """Wait for the order of ``lane`` being made, if one is."""
-        making = self._making.get(lane)
-        if making is not None:
-            await asyncio.wait([making])
-
-    async def _order(self, unordered: _Unordered) -> _Order:
-        """Order a large backlog's held jobs in a worker thread, without the file (it
-        was read already): admissions and releases go on meanwhile. One at a time per
-        lane: the callers that need it wait for it (:meth:`_made`)."""
-        lane = unordered.lane
-        done = asyncio.get_running_loop().create_future()
-        self._making[lane] = done
-        try:
-            order = await asyncio.to_thread(self._ordered, unordered)
-            self._orders[lane] = order
-            return order
-        finally:
-            del self._making[lane]
-            done.set_result(None)
-
-    def _position(self, db: sqlite_utils.Database, job_id: str) -> int | _Unordered | None:
-        """The position, or a large backlog's held jobs to order first (:meth:`_order`)."""
+    def _position(self, db: sqlite_utils.Database, job_id: str) -> int | None:
         with snapshot(db):  # the row and the order of one state of the file
             rows = list(db.table("jobs").rows_where("job_id = ?", [job_id]))
             if not rows or rows[0]["status"] != JobStatus.QUEUED.value:
@@ -701,86 +638,85 @@ class Ledger:
                 ).fetchone()[0]
                 return int(ahead) + 1
             order = self._places(db, lane, job_id)
-            if isinstance(order, _Unordered):
-                return order
-            if job_id in order.positions:  # a large backlog's order: every position kept
+            if job_id in order.positions and order.until:  # made just now, or answering
                 return order.positions[job_id]
             place, among_model = order.places[job_id]
             if model is None:
                 return _waiting_at_broker(db, lane) + place
             return _waiting_by_model(db, lane).get(model, 0) + among_model
 
-    def _places(self, db: sqlite_utils.Database, lane: str, job_id: str) -> _Order | _Unordered:
+    def _places(self, db: sqlite_utils.Database, lane: str, job_id: str) -> _Order:
         """The order of ``lane``'s held jobs (``job_id`` among them): made once for each
         state of the file, and kept until the connection's own changes
         (``total_changes``) or another connection's commit (``PRAGMA data_version``) say
         it changed; or, for a large backlog, for a while whatever changed
-        (:data:`POSITION_STALE_FACTOR`). A large backlog comes back read, not ordered
-        (:meth:`_order` orders it without the file). Raises :class:`_OrderPending` while
-        another caller orders the lane, and :class:`_OrderLater` when the job is newer
-        than the order and the next may not be made yet (:data:`POSITION_RENEW_FACTOR`)."""
+        (:data:`POSITION_STALE_FACTOR`). Raises :class:`_OrderLater` when the job is newer
+        than that order and the next may not be made yet (:data:`POSITION_RENEW_FACTOR`)."""
         (others,) = db.execute("PRAGMA data_version").fetchone()
         state = (int(others), db.conn.total_changes)
         known = self._orders.get(lane)
         if known is not None and known.state == state:
             return known
         now = time.monotonic()
-        if known is not None and now < known.until and job_id in known.places:
-            return known
-        if lane in self._making:  # (read from this thread: a look, no change)
-            raise _OrderPending(lane)
-        if known is not None and now < known.until and now < known.renew:
-            raise _OrderLater(known.renew)
+        if known is not None and now < known.until:
+            if job_id in known.places:
+                return known
+            if now < known.renew:
+                raise _OrderLater(known.renew)
         began = time.perf_counter()
         waiting, tags = _fair_state(db, lane)
-        unordered = _Unordered(lane, state, waiting, tags, began)
-        if len(waiting) > POSITION_EXACT_HELD:  # every position kept: read what they need
-            unordered.released = db.execute(
-                "SELECT job_id, model, COALESCE(released_at, created_at) AS moment FROM jobs "
-                "WHERE status = ? AND lane = ? AND published = 1 ORDER BY moment",
-                [JobStatus.QUEUED.value, lane],
-            ).fetchall()
-            unordered.by_model = _waiting_by_model(db, lane) if self.per_model else {}
-            unordered.total = _waiting_at_broker(db, lane)
-            return unordered
-        order = self._ordered(unordered)
-        self._orders[lane] = order
-        return order
-
-    def _ordered(self, unordered: _Unordered) -> _Order:
-        """The order of the held jobs read, and with a large backlog every queued job's
-        position then: the released ones in the order of their release (ties share a
-        place), then the held ones, as :meth:`_position` tells one."""
-        waiting = unordered.waiting
         models = {job.job_id: job.model for job in waiting}
         per_model: dict[str | None, int] = {}
         places: dict[str, tuple[int, int]] = {}
-        for place, release in enumerate(fair_order(waiting, unordered.tags), 1):
+        for place, release in enumerate(fair_order(waiting, tags), 1):
             model = models[release.job_id]
             per_model[model] = per_model.get(model, 0) + 1
             places[release.job_id] = (place, per_model[model])
-        if len(waiting) <= POSITION_EXACT_HELD:
-            return _Order(unordered.state, places, {}, 0.0, 0.0)
+        spent = time.perf_counter() - began
+        until = renew = 0.0
+        positions: dict[str, int] = {}
+        if len(waiting) > POSITION_EXACT_HELD:  # answers for a while: every position now
+            now = time.monotonic()
+            until = now + min(POSITION_STALE_FACTOR * spent, POSITION_STALE_MAX_SECONDS)
+            renew = now + min(POSITION_RENEW_FACTOR * spent, POSITION_STALE_MAX_SECONDS)
+            positions = self._positions_now(db, lane, places, models)
+        order = _Order(state, places, positions, until, renew)
+        self._orders[lane] = order
+        return order
+
+    def _positions_now(
+        self,
+        db: sqlite_utils.Database,
+        lane: str,
+        places: dict[str, tuple[int, int]],
+        models: dict[str, str | None],
+    ) -> dict[str, int]:
+        """Every queued job's position in ``lane`` in this state of the file, as
+        :meth:`_position` tells one: the released ones in the order of their release
+        (ties share a place), then the held ones in ``places``."""
+        released = db.execute(
+            "SELECT job_id, model, COALESCE(released_at, created_at) AS moment FROM jobs "
+            "WHERE status = ? AND lane = ? AND published = 1 ORDER BY moment",
+            [JobStatus.QUEUED.value, lane],
+        ).fetchall()
         moments: dict[str | None, list[str]] = {None: []}  # in all (None), and per model
-        for _, model, moment in unordered.released:
+        for _, model, moment in released:
             moments[None].append(moment)
             if self.per_model and model is not None:
                 moments.setdefault(model, []).append(moment)
         positions: dict[str, int] = {}
-        for job_id, model, moment in unordered.released:
+        for job_id, model, moment in released:
             among = moments[model if self.per_model and model is not None else None]
             positions[job_id] = bisect_left(among, moment) + 1  # those released before
+        by_model = _waiting_by_model(db, lane) if self.per_model else {}
+        total = _waiting_at_broker(db, lane)
         for job_id, (place, among_model) in places.items():
             model = models[job_id]
             if self.per_model and model is not None:
-                positions[job_id] = unordered.by_model.get(model, 0) + among_model
+                positions[job_id] = by_model.get(model, 0) + among_model
             else:
-                positions[job_id] = unordered.total + place
-        spent = time.perf_counter() - unordered.began
-        now = time.monotonic()
-        until = now + min(POSITION_STALE_FACTOR * spent, POSITION_STALE_MAX_SECONDS)
-        renew = now + min(POSITION_RENEW_FACTOR * spent, POSITION_STALE_MAX_SECONDS)
-        return _Order(unordered.state, places, positions, until, renew)
+                positions[job_id] = total + place
+        return positions
 
     async def apply(self, event: Event) -> bool:
         """Record a persistent event. Returns False when it changes nothing: the job is

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlite_utils
@@ -184,66 +182,3 @@ async def test_a_kept_order_answers_what_an_exact_one_answers(
         await ledger.close()
     assert None not in exact and len(set(exact)) > 3
     assert kept == exact
-
-
-async def test_a_large_backlog_is_ordered_without_the_file_and_once(
-    ledger: Ledger, orders: list[str], slow_orders: float, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Ordering a large backlog takes long: it runs without the file (read first), so an
-    admission goes on meanwhile; a second caller waits for that order instead of
-    reading and ordering again."""
-    jobs = [job(n, user=f"u{0 if n < 4 else 1}") for n in range(6)]
-    for each in jobs:
-        await ledger.admit(each, window=0)
-    release = threading.Event()
-    real = Ledger._ordered
-
-    def held_up(self: Ledger, unordered: Any) -> Any:
-        assert release.wait(timeout=30)
-        return real(self, unordered)
-
-    monkeypatch.setattr(Ledger, "_ordered", held_up)
-    first = asyncio.create_task(ledger.position(jobs[1].job_id))
-    while not ledger._making:  # the first caller read the file, and is ordering
-        await asyncio.sleep(0.01)
-    second = asyncio.create_task(ledger.position(jobs[4].job_id))
-
-    async with asyncio.timeout(10):
-        await ledger.admit(job(7, user="u3"), window=0)  # the file is free meanwhile
-    assert not first.done() and not second.done()
-    release.set()
-
-    assert await first == 3
-    assert await second == 2
-    assert orders == ["fast"]  # read once; the second waited for that order
-
-
-async def test_a_caller_cancelled_while_ordering_leaves_no_one_waiting(
-    ledger: Ledger, slow_orders: float, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A card's task may be cancelled (its message deleted) while its order is made: the
-    callers waiting for that order go on, and so do later ones."""
-    jobs = [job(n, user=f"u{0 if n < 4 else 1}") for n in range(6)]
-    for each in jobs:
-        await ledger.admit(each, window=0)
-    release = threading.Event()
-    real = Ledger._ordered
-
-    def held_up(self: Ledger, unordered: Any) -> Any:
-        assert release.wait(timeout=30)
-        return real(self, unordered)
-
-    monkeypatch.setattr(Ledger, "_ordered", held_up)
-    first = asyncio.create_task(ledger.position(jobs[1].job_id))
-    while not ledger._making:
-        await asyncio.sleep(0.01)
-    waiting = asyncio.create_task(ledger.position(jobs[4].job_id))
-    await asyncio.sleep(0.05)
-    first.cancel()
-    await asyncio.gather(first, return_exceptions=True)
-    release.set()  # (the cancelled caller's thread ends; its order is dropped)
-
-    async with asyncio.timeout(10):
-        assert await waiting == 2
-        assert await ledger.position(jobs[1].job_id) == 3
-    assert not ledger._making
