@@ -41,7 +41,8 @@ from jobs.ledger import Ledger
 from jobs.models import Accepted, Job, Origin
 
 
-def _job(n: int, users: int = 200) -> Job:
+def held_job(n: int, users: int = 200) -> Job:
+    """The bench's n-th job: from one of ``users`` users in turn, of 10 tenants."""
     user = n % users
     return Job(
         workflow="sd15-txt2img",
@@ -83,7 +84,7 @@ async def measure(
         await ledger.open()
         try:
             for n in range(backlog + window):
-                await ledger.admit(_job(n, users), window=0)
+                await ledger.admit(held_job(n, users), window=0)
             published = [
                 record.job.job_id for record in (await ledger.release("fast", window)).records
             ]
@@ -96,7 +97,7 @@ async def measure(
             async with loop_lag(late):
                 for n in range(samples):
                     began = time.perf_counter()
-                    await ledger.admit(_job(1_000_000 + n, users), window=window)
+                    await ledger.admit(held_job(1_000_000 + n, users), window=window)
                     admits.append(time.perf_counter() - began)
 
             releases: list[float] = []
@@ -109,7 +110,7 @@ async def measure(
             positions: list[float] = []
             again: list[float] = []
             for n in range(samples):
-                newest = _job(2_000_000 + n, users)
+                newest = held_job(2_000_000 + n, users)
                 await ledger.admit(newest, window=0)  # held: a change to the file
                 for times in (positions, again):
                     began = time.perf_counter()

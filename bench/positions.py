@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.backlog import _job, take_and_release
+from bench.backlog import held_job, take_and_release
 from bench.common import quiet_logs
 from jobs.ledger import Ledger
 
@@ -83,7 +83,7 @@ async def measure(backlog: int, load: Load) -> None:
         ledger = Ledger(Path(folder) / "ledger.sqlite3", per_model=per_model)
         await ledger.open()
         try:
-            held = [_job(n, users) for n in range(backlog + WINDOW)]
+            held = [held_job(n, users) for n in range(backlog + WINDOW)]
             for job in held:
                 await ledger.admit(job, window=0)
             published = [
@@ -118,7 +118,7 @@ async def measure(backlog: int, load: Load) -> None:
             first_positions: list[float] = []
 
             async def admit_one() -> None:
-                job = _job(next(numbers), users)
+                job = held_job(next(numbers), users)
                 began = time.perf_counter()
                 _, _, claim = await ledger.admit(job, window=WINDOW)
                 admits.append(time.perf_counter() - began)

@@ -103,9 +103,7 @@ class _Order:
 
     #: (PRAGMA data_version, the connection's total_changes) when it was made.
     state: tuple[int, int]
-    #: Each held job's place in the fair order of them all, and among its model's.
-    places: dict[str, tuple[int, int]]
-    #: Each queued job's position (held and released) as it was then.
+    #: Each queued job's position (held and released) in that state.
     positions: dict[str, int]
     #: Until when (``time.monotonic``) it answers whatever changed since; 0: never.
     until: float
@@ -115,11 +113,11 @@ class _Order:
 
 class _OrderLater(Exception):
     """The lane's order answers for a while yet, and the job is newer than it: ask
-    again at ``until`` (:meth:`Ledger.position`)."""
+    again at ``at`` (:meth:`Ledger.position`)."""
 
-    def __init__(self, until: float) -> None:
-        super().__init__(until)
-        self.until = until
+    def __init__(self, at: float) -> None:
+        super().__init__(at)
+        self.at = at
 
 
 @dataclass(frozen=True, slots=True)
@@ -604,7 +602,7 @@ class Ledger:
             try:
                 return await self._run(partial(self._position, job_id=job_id))
             except _OrderLater as later:
-                await asyncio.sleep(max(0.0, later.until - time.monotonic()))
+                await asyncio.sleep(max(0.0, later.at - time.monotonic()))
 
     def _kept_position(self, job_id: str) -> int | None:
         """``job_id``'s position from an order that still answers (None: none does)."""
@@ -637,21 +635,20 @@ class Ledger:
                     ],
                 ).fetchone()[0]
                 return int(ahead) + 1
-            order = self._places(db, lane, job_id)
-            if job_id in order.positions and order.until:  # made just now, or answering
-                return order.positions[job_id]
-            place, among_model = order.places[job_id]
-            if model is None:
-                return _waiting_at_broker(db, lane) + place
-            return _waiting_by_model(db, lane).get(model, 0) + among_model
+            return self._places(db, lane, job_id).positions[job_id]
 
     def _places(self, db: sqlite_utils.Database, lane: str, job_id: str) -> _Order:
-        """The order of ``lane``'s held jobs (``job_id`` among them): made once for each
-        state of the file, and kept until the connection's own changes
-        (``total_changes``) or another connection's commit (``PRAGMA data_version``) say
-        it changed; or, for a large backlog, for a while whatever changed
-        (:data:`POSITION_STALE_FACTOR`). Raises :class:`_OrderLater` when the job is newer
-        than that order and the next may not be made yet (:data:`POSITION_RENEW_FACTOR`)."""
+        """Every queued job's position in ``lane`` (``job_id``, held, among them), from
+        the fair order of its held jobs: made once for each state of the file, and kept
+        until the connection's own changes (``total_changes``) or another connection's
+        commit (``PRAGMA data_version``) say it changed; or, for a large backlog, for a
+        while whatever changed (:data:`POSITION_STALE_FACTOR`). Raises
+        :class:`_OrderLater` when the job is newer than that order and the next may not
+        be made yet (:data:`POSITION_RENEW_FACTOR`).
+
+        The released jobs go in the order of their release (ties share a place), behind
+        them the held ones (with model affinity, a job of a model counts that model's
+        jobs only)."""
         (others,) = db.execute("PRAGMA data_version").fetchone()
         state = (int(others), db.conn.total_changes)
         known = self._orders.get(lane)
@@ -659,41 +656,12 @@ class Ledger:
             return known
         now = time.monotonic()
         if known is not None and now < known.until:
-            if job_id in known.places:
+            if job_id in known.positions:
                 return known
             if now < known.renew:
                 raise _OrderLater(known.renew)
         began = time.perf_counter()
         waiting, tags = _fair_state(db, lane)
-        models = {job.job_id: job.model for job in waiting}
-        per_model: dict[str | None, int] = {}
-        places: dict[str, tuple[int, int]] = {}
-        for place, release in enumerate(fair_order(waiting, tags), 1):
-            model = models[release.job_id]
-            per_model[model] = per_model.get(model, 0) + 1
-            places[release.job_id] = (place, per_model[model])
-        spent = time.perf_counter() - began
-        until = renew = 0.0
-        positions: dict[str, int] = {}
-        if len(waiting) > POSITION_EXACT_HELD:  # answers for a while: every position now
-            now = time.monotonic()
-            until = now + min(POSITION_STALE_FACTOR * spent, POSITION_STALE_MAX_SECONDS)
-            renew = now + min(POSITION_RENEW_FACTOR * spent, POSITION_STALE_MAX_SECONDS)
-            positions = self._positions_now(db, lane, places, models)
-        order = _Order(state, places, positions, until, renew)
-        self._orders[lane] = order
-        return order
-
-    def _positions_now(
-        self,
-        db: sqlite_utils.Database,
-        lane: str,
-        places: dict[str, tuple[int, int]],
-        models: dict[str, str | None],
-    ) -> dict[str, int]:
-        """Every queued job's position in ``lane`` in this state of the file, as
-        :meth:`_position` tells one: the released ones in the order of their release
-        (ties share a place), then the held ones in ``places``."""
         released = db.execute(
             "SELECT job_id, model, COALESCE(released_at, created_at) AS moment FROM jobs "
             "WHERE status = ? AND lane = ? AND published = 1 ORDER BY moment",
@@ -705,18 +673,27 @@ class Ledger:
             if self.per_model and model is not None:
                 moments.setdefault(model, []).append(moment)
         positions: dict[str, int] = {}
-        for job_id, model, moment in released:
+        for released_id, model, moment in released:
             among = moments[model if self.per_model and model is not None else None]
-            positions[job_id] = bisect_left(among, moment) + 1  # those released before
-        by_model = _waiting_by_model(db, lane) if self.per_model else {}
-        total = _waiting_at_broker(db, lane)
-        for job_id, (place, among_model) in places.items():
-            model = models[job_id]
-            if self.per_model and model is not None:
-                positions[job_id] = by_model.get(model, 0) + among_model
-            else:
-                positions[job_id] = total + place
-        return positions
+            positions[released_id] = bisect_left(among, moment) + 1  # those released before
+        models = {job.job_id: job.model for job in waiting}
+        behind = {key: len(among) for key, among in moments.items()}  # at the broker
+        for release in fair_order(waiting, tags):
+            model = models[release.job_id]
+            key = model if self.per_model and model is not None else None
+            behind[key] = behind.get(key, 0) + 1
+            if key is not None:  # the lane's place counts every model's held jobs
+                behind[None] += 1
+            positions[release.job_id] = behind[key]
+        spent = time.perf_counter() - began
+        until = renew = 0.0
+        if len(waiting) > POSITION_EXACT_HELD:  # answers for a while, whatever changes
+            now = time.monotonic()
+            until = now + min(POSITION_STALE_FACTOR * spent, POSITION_STALE_MAX_SECONDS)
+            renew = now + min(POSITION_RENEW_FACTOR * spent, POSITION_STALE_MAX_SECONDS)
+        order = _Order(state, positions, until, renew)
+        self._orders[lane] = order
+        return order
 
     async def apply(self, event: Event) -> bool:
         """Record a persistent event. Returns False when it changes nothing: the job is

@@ -100,11 +100,16 @@ async def test_a_commit_between_the_row_and_the_order_does_not_lose_the_job(
 def slow_orders(monkeypatch: pytest.MonkeyPatch) -> float:
     """Every order counts as a large backlog's: it answers for WHILE seconds whatever
     changes meanwhile (``POSITION_STALE_FACTOR``). Returns WHILE."""
-    monkeypatch.setattr(ledger_module, "POSITION_EXACT_HELD", 0)
-    monkeypatch.setattr(ledger_module, "POSITION_STALE_FACTOR", 1e9)
-    monkeypatch.setattr(ledger_module, "POSITION_STALE_MAX_SECONDS", WHILE)
+    _keep_orders(monkeypatch, WHILE)
     monkeypatch.setattr(ledger_module, "POSITION_RENEW_FACTOR", 1e9)
     return WHILE
+
+
+def _keep_orders(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every order from now on counts as a large backlog's and answers for ``seconds``."""
+    monkeypatch.setattr(ledger_module, "POSITION_EXACT_HELD", 0)
+    monkeypatch.setattr(ledger_module, "POSITION_STALE_FACTOR", 1e9)
+    monkeypatch.setattr(ledger_module, "POSITION_STALE_MAX_SECONDS", seconds)
 
 
 #: How long an order answers in the tests that shorten it (long enough for a few calls
@@ -170,9 +175,7 @@ async def test_a_kept_order_answers_what_an_exact_one_answers(
             await ledger.mark_published(record.job.job_id)
         exact = [await ledger.position(each.job_id) for each in jobs]
 
-        monkeypatch.setattr(ledger_module, "POSITION_EXACT_HELD", 0)
-        monkeypatch.setattr(ledger_module, "POSITION_STALE_FACTOR", 1e9)
-        monkeypatch.setattr(ledger_module, "POSITION_STALE_MAX_SECONDS", 60.0)
+        _keep_orders(monkeypatch, 60.0)
         passing = job(99, user="u9")
         await ledger.admit(passing, window=0)  # a change: ordered again
         await ledger.forget(passing.job_id)
