@@ -24,7 +24,7 @@ job for each of N other users of the tenant and has them taken (untimed), as in 
 guild whose members have used the bot before: the fair order remembers each of them.
 ``--lag`` also measures how long the event loop is held (the admission's transaction
 runs on it when the file is free): a task on the loop sleeps 1 ms over and over during
-each side, and the bench prints how late it woke (p50, p99, the longest; the loop's
+each side, and the bench prints how late it woke (median, p99, the longest; the loop's
 timers round up to the millisecond, so read the longest, not the p50). Its ticks cost
 both sides a little: leave it out for the ratio.
 
@@ -52,7 +52,7 @@ from pathlib import Path
 import aio_pika
 import sqlite_utils
 
-from bench.common import loop_lag, quiet_logs
+from bench.common import loop_lag, quiet_logs, summary_ms
 from jobs.admission import Admission
 from jobs.bus import JobBus
 from jobs.ledger import Ledger
@@ -290,12 +290,7 @@ async def main(
         print(f"CPU per job, {name:9s}: {process:.3f} ms in all, {loop:.3f} ms on the loop")
     for name, late in (("raw", raw_lag), ("admission", admitted_lag)):
         if late:
-            late.sort()
-            print(
-                f"loop lag, {name:9s}: p50 {late[len(late) // 2] * 1000:.2f} ms, p99 "
-                f"{late[int(len(late) * 0.99)] * 1000:.2f} ms, longest {late[-1] * 1000:.2f} ms "
-                f"({len(late)} ticks)"
-            )
+            print(f"loop lag, {name:9s}: {summary_ms(late)} ({len(late)} ticks)")
 
 
 @contextmanager

@@ -32,7 +32,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import quiet_logs
+from bench.common import percentile, quiet_logs
 from jobs.broker import Broker
 from jobs.rabbitmq import RabbitBroker
 from jobs.topology import build_topology
@@ -96,7 +96,7 @@ async def one_run(
                 "loads": float(run.loads),
                 "optimum": float(offline_optimum(chosen)),
                 "wait_p50": statistics.median(waits),
-                "wait_p99": waits[min(len(waits) - 1, round(0.99 * (len(waits) - 1)))],
+                "wait_p99": percentile(waits, 99),
                 "wait_max": waits[-1],
                 "seconds": ended - began,
             }

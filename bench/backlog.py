@@ -24,19 +24,18 @@ take jobs. Then it times, from the event loop:
   (every held job read and ordered, as a queued job's card asks after each change);
   **again**: the same at once, with nothing changed (the order kept).
 
-It prints the median and p90 of each, per backlog size. No broker is involved.
+It prints the median, p90 and longest of each, per backlog size. No broker is involved.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import loop_lag
+from bench.common import loop_lag, summary_ms
 from jobs.ledger import Ledger
 from jobs.models import Accepted, Job, Origin
 
@@ -66,12 +65,6 @@ async def take_and_release(ledger: Ledger, window: int, published: list[str]) ->
         ledger.confirmed(record.job.job_id)
         published.append(record.job.job_id)
     return took
-
-
-def _quantiles(samples: list[float]) -> str:
-    ordered = sorted(samples)
-    p90 = ordered[int(len(ordered) * 0.9)]
-    return f"median {statistics.median(ordered) * 1000:7.3f} ms, p90 {p90 * 1000:7.3f} ms"
 
 
 async def measure(
@@ -132,12 +125,12 @@ async def main(
             backlog, window, samples, per_model, users
         )
         print(
-            f"backlog {backlog:6d}: admit   {_quantiles(admits)}; the loop ran up to "
+            f"backlog {backlog:6d}: admit   {summary_ms(admits, 90)}; the loop ran up to "
             f"{max(late, default=0) * 1000:.2f} ms late"
         )
-        print(f"{'':15s} release {_quantiles(releases)}")
-        print(f"{'':15s} position {_quantiles(positions)}")
-        print(f"{'':15s} again   {_quantiles(again)}")
+        print(f"{'':15s} release {summary_ms(releases, 90)}")
+        print(f"{'':15s} position {summary_ms(positions, 90)}")
+        print(f"{'':15s} again   {summary_ms(again, 90)}")
 
 
 if __name__ == "__main__":

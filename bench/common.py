@@ -1,10 +1,12 @@
-"""What every benchmark's ``main`` does first (quiet logs, SeaweedFS found), and how late
-the event loop runs (``loop_lag``)."""
+"""What every benchmark's ``main`` does first (quiet logs, SeaweedFS found), how late
+the event loop runs (``loop_lag``), and how samples are summed up (``percentile``,
+``summary_ms``)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import statistics
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from brigade.logs import configure_logging
@@ -15,6 +17,26 @@ def quiet_logs() -> None:
     """Only warnings and errors, from the standard library and from structlog, set up as
     the services set it up (``brigade/logs.py``)."""
     configure_logging("warning")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of ``values`` (not empty): linear interpolation between the
+    closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summary_ms(seconds: Sequence[float], q: float = 99) -> str:
+    """Durations in seconds as "median, the ``q``-th percentile, longest", in ms."""
+    if not seconds:
+        return "none"
+    return (
+        f"median {statistics.median(seconds) * 1000:7.2f} ms, p{q:g} "
+        f"{percentile(seconds, q) * 1000:8.2f} ms, longest {max(seconds) * 1000:8.2f} ms"
+    )
 
 
 def require_weed() -> str:

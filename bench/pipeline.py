@@ -71,7 +71,7 @@ from typing import Any, Literal, cast
 
 import aiohttp
 
-from bench.common import quiet_logs, require_weed
+from bench.common import percentile, quiet_logs, require_weed
 from brigade.app import Frontend, frontend, start_worker
 from jobs.bus import JobBus
 from jobs.models import Accepted, Event, Failed, JobRequest, Origin, Succeeded
@@ -479,15 +479,6 @@ async def pipeline_latency(rig: Pipeline, jobs: Sequence[JobRequest], wait: floa
         for name, value in got.items():
             latency.phases.setdefault(name, []).append(value)
     return latency
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 # -- ComfyUI: the emulator, in this process or not, or a real one -----------------------

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -38,21 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.backlog import held_job, take_and_release
-from bench.common import quiet_logs
+from bench.common import quiet_logs, summary_ms
 from jobs.ledger import Ledger
 
 WINDOW = 16
-
-
-def _quantiles(samples: list[float]) -> str:
-    if not samples:
-        return "none"
-    ordered = sorted(samples)
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    return (
-        f"median {statistics.median(ordered) * 1000:7.2f} ms, p99 {p99 * 1000:8.2f} ms, "
-        f"longest {ordered[-1] * 1000:8.2f} ms"
-    )
 
 
 async def _every(period: float, until: float, one: Callable[[], Awaitable[None]]) -> None:
@@ -152,10 +140,10 @@ async def measure(backlog: int, load: Load) -> None:
         finally:
             await ledger.close()
     asked = len(cards) * seconds / every + len(admits)
-    print(f"backlog {backlog:6d}: admit    {_quantiles(admits)} ({len(admits)})")
-    print(f"{'':15s} release  {_quantiles(releases)} ({len(releases)})")
-    print(f"{'':15s} position {_quantiles(positions)}")
-    print(f"{'':15s} first    {_quantiles(first_positions)} (a new job's, after its admission)")
+    print(f"backlog {backlog:6d}: admit    {summary_ms(admits)} ({len(admits)})")
+    print(f"{'':15s} release  {summary_ms(releases)} ({len(releases)})")
+    print(f"{'':15s} position {summary_ms(positions)}")
+    print(f"{'':15s} first    {summary_ms(first_positions)} (a new job's, after its admission)")
     print(
         f"{'':15s} positions answered {len(positions)} of about {asked:.0f} asked; "
         f"{took:.1f} s for {seconds:.0f}; CPU {cpu:.2f} s a second"

@@ -46,8 +46,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import quiet_logs, require_weed
-from bench.pipeline import percentile
+from bench.common import percentile, quiet_logs, require_weed
 from bench.services import URL, Service, service_env
 from bench.services import renderer as renderer_service
 from jobs.topology import build_topology

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import percentile, summary_ms
+
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = r"(-?\d+(?:\.\d+)?|nan)"
 
@@ -112,8 +114,8 @@ def test_admission(amqp_url: str) -> None:
         )
         assert cpu is not None and float(cpu.group(1)) >= float(cpu.group(2)) > 0, out
         lag = re.search(
-            rf"^loop lag, {side}\s*: p50 {NUMBER} ms, p99 {NUMBER} ms, longest {NUMBER} ms "
-            r"\((\d+) ticks\)$",
+            rf"^loop lag, {side}\s*: median\s+{NUMBER} ms, p99\s+{NUMBER} ms, "
+            rf"longest\s+{NUMBER} ms \((\d+) ticks\)$",
             out,
             re.M,
         )
@@ -132,7 +134,7 @@ def test_backlog(amqp_url: str, per_model: bool) -> None:
     )
     rows = re.findall(
         rf"^(?:backlog\s+(\d+):|\s+) (admit|release|position|again)\s+median\s+{NUMBER} ms, "
-        rf"p90\s+{NUMBER} ms"
+        rf"p90\s+{NUMBER} ms, longest\s+{NUMBER} ms"
         rf"(?:; the loop ran up to {NUMBER} ms late)?$",
         out,
         re.MULTILINE,
@@ -143,7 +145,9 @@ def test_backlog(amqp_url: str, per_model: bool) -> None:
         for backlog in ("0", "50")
         for at, (step, _) in enumerate(steps)
     ], out
-    assert all(0 < float(median) <= float(p90) for _, _, median, p90, _ in rows), out
+    assert all(
+        0 < float(median) <= float(p90) <= float(longest) for _, _, median, p90, longest, _ in rows
+    ), out
     assert [late != "" for *_, late in rows] == [lag for _, lag in steps] * 2, out
 
 
@@ -205,3 +209,14 @@ def test_idle_polling(amqp_url: str) -> None:
         re.MULTILINE,
     )
     assert found is not None and int(found.group(1)) >= 2 * 3, out  # each looked once at least
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
+    assert percentile([1.0, 2.0], 100) == 2.0
+    assert summary_ms([]) == "none"
+    assert summary_ms([0.001, 0.002, 0.004], 90) == (
+        "median    2.00 ms, p90     3.60 ms, longest     4.00 ms"
+    )
