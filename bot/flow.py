@@ -18,26 +18,13 @@ from bot.errors import EXPLAINED, NotAllowed, Refused, reply_error
 from bot.messages import JobMessage
 from jobs.admission import Admitted
 from jobs.control import CancelOutcome, RetryOutcome
-from jobs.models import Job, JobRequest, Origin
+from jobs.models import Job, JobRequest, Origin, request_fields
 from workflows import UnknownWorkflow
 
 if TYPE_CHECKING:
     from bot.client import BrigadeBot
 
 log = structlog.get_logger(__name__)
-
-#: Manifest role -> ``JobRequest`` field, to ask again for what a job asked for.
-_REQUEST_FIELDS = {
-    "prompt": "prompt",
-    "negative": "negative",
-    "seed": "seed",
-    "steps": "steps",
-    "cfg": "cfg",
-    "width": "width",
-    "height": "height",
-    "batch": "count",
-    "checkpoint": "checkpoint",
-}
 
 _AGE_RESTRICTABLE = (
     discord.TextChannel,
@@ -134,12 +121,7 @@ async def show(bot: BrigadeBot, interaction: discord.Interaction[Any], admitted:
 
 def request_like(job: Job, *, seed: int | None, count: int | None = None) -> JobRequest:
     """What ``job`` asked for, with a new seed (None: drawn) and optionally a count."""
-    fields: dict[str, Any] = {"workflow": job.workflow, "lane": job.lane, "params": {}}
-    for role, value in job.params.items():
-        if role in _REQUEST_FIELDS:
-            fields[_REQUEST_FIELDS[role]] = value
-        else:
-            fields["params"][role] = value
+    fields = {"workflow": job.workflow, "lane": job.lane, **request_fields(job.params)}
     fields["seed"] = seed
     if count is not None:
         fields["count"] = count

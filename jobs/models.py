@@ -8,6 +8,7 @@ know and reject the rest loudly (:func:`parse_event`, :meth:`Job.from_wire`).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -89,6 +90,19 @@ _REQUEST_ROLES = {
     "batch": "count",
     "checkpoint": "checkpoint",
 }
+
+
+def request_fields(roles: Mapping[str, Scalar]) -> dict[str, Any]:
+    """``JobRequest`` fields that ask for ``roles`` (a job's params, say, to ask again
+    for what it asked for): the standard roles as their fields, the rest in ``params``;
+    the inverse of :meth:`JobRequest.role_values`."""
+    fields: dict[str, Any] = {"params": {}}
+    for role, value in roles.items():
+        if role in _REQUEST_ROLES:
+            fields[_REQUEST_ROLES[role]] = value
+        else:
+            fields["params"][role] = value
+    return fields
 
 
 class Job(_Wire):

@@ -10,7 +10,7 @@ from jobs.broker import Broker
 from jobs.bus import JobBus
 from jobs.exceptions import BrokerUnavailable, InvalidRequest
 from jobs.ledger import Ledger
-from jobs.models import Job, JobRequest, JobStatus, Origin
+from jobs.models import Job, JobRequest, JobStatus, Origin, request_fields
 from tests.fixtures.brokers import BrokerFactory
 from workflows import Catalog
 
@@ -163,3 +163,19 @@ async def test_recover_publishes_rows_a_crash_left_unpublished(
     record = await ledger.get(job.job_id)
     assert record is not None and record.published
     assert await admission.recover() == 0
+
+
+def test_request_fields_ask_again_for_what_a_job_asked_for() -> None:
+    """A job's params (the bot's "again" and "variations" buttons) as request fields:
+    the standard roles as their own fields, the rest as params, so that the request's
+    roles are the job's params again."""
+    catalog = Catalog.load()
+    asked = JobRequest(
+        workflow="sd15-txt2img", prompt="a red fox", negative="blurry", seed=7, count=2
+    )
+    params = catalog.get("sd15-txt2img").resolve(asked.role_values())
+    again = JobRequest.model_validate({"workflow": "sd15-txt2img", **request_fields(params)})
+
+    assert again.role_values() == params
+    assert (again.prompt, again.negative, again.seed, again.count) == ("a red fox", "blurry", 7, 2)
+    assert request_fields({"denoise": 0.5, "cfg": 6}) == {"params": {"denoise": 0.5}, "cfg": 6}
