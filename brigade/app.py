@@ -180,25 +180,39 @@ async def embedded(
     images_dir: Path | None = None,
 ) -> AsyncIterator[Embedded]:
     """Everything in this process. Nothing queued here outlives it."""
+    async with AsyncExitStack() as stack:
+        store = LocalStore(images_dir or LocalStoreSettings(data_dir=settings.data_dir).root)
+        parts, _ = await _in_process(stack, settings, renderer, amqp, store)
+        yield parts
+
+
+async def _in_process(
+    stack: AsyncExitStack,
+    settings: BrigadeSettings,
+    renderer: RendererSettings | None,
+    amqp: AmqpSettings | None,
+    store: LocalStore,
+) -> tuple[Embedded, JobBus]:
+    """The in-process broker, ``store`` (started here), a renderer on ComfyUI at
+    ``COMFYUI_URL`` when it answers (else the demo backend), and a frontend; with the
+    frontend's bus (the API's services need it)."""
     renderer = renderer or RendererSettings()
     topology = (amqp or AmqpSettings()).topology()
     renderer = renderer.model_copy(update={"lanes": list(topology.lanes)})
-    async with AsyncExitStack() as stack:
-        hub = MemoryHub()
-        front_bus = await _connected(stack, MemoryBroker(hub, topology))
-        await front_bus.broker.declare()
-        render_bus = await _connected(stack, MemoryBroker(hub, topology))
-        catalog = Catalog.load(settings.workflows_dirs)
-        store = LocalStore(images_dir or LocalStoreSettings(data_dir=settings.data_dir).root)
-        await store.start()
-        stack.push_async_callback(store.close)
-        backend = await start_backend(stack, renderer, fall_back=True)
-        ledger_path = LedgerSettings(data_dir=settings.data_dir).ledger_path
-        front = await frontend(
-            stack, front_bus, catalog, ledger_path, settings.frontend_id, backends=[backend.name]
-        )
-        worker = await start_worker(stack, render_bus, backend, store, catalog, renderer)
-        yield Embedded(front, worker, store, backend)
+    hub = MemoryHub()
+    front_bus = await _connected(stack, MemoryBroker(hub, topology))
+    await front_bus.broker.declare()
+    render_bus = await _connected(stack, MemoryBroker(hub, topology))
+    catalog = Catalog.load(settings.workflows_dirs)
+    await store.start()
+    stack.push_async_callback(store.close)
+    backend = await start_backend(stack, renderer, fall_back=True)
+    ledger_path = LedgerSettings(data_dir=settings.data_dir).ledger_path
+    front = await frontend(
+        stack, front_bus, catalog, ledger_path, settings.frontend_id, backends=[backend.name]
+    )
+    worker = await start_worker(stack, render_bus, backend, store, catalog, renderer)
+    return Embedded(front, worker, store, backend), front_bus
 
 
 def production_store(s3: S3Settings, local: LocalStoreSettings) -> ObjectStore:
@@ -383,30 +397,16 @@ async def embedded_api(
     """Everything in this process with the API in front (``brigade up``): the in-process
     broker, a renderer (ComfyUI at ``COMFYUI_URL`` when it answers, else the demo
     backend), images in ``BRIGADE_DATA_DIR/images`` served by the API at ``/images/``."""
-    renderer = renderer or RendererSettings()
-    topology = (amqp or AmqpSettings()).topology()
-    renderer = renderer.model_copy(update={"lanes": list(topology.lanes)})
     local = LocalStoreSettings(data_dir=settings.data_dir)
     async with AsyncExitStack() as stack:
         server = bind_api(stack, api)  # first: a taken port fails before anything starts
-        hub = MemoryHub()
-        front_bus = await _connected(stack, MemoryBroker(hub, topology))
-        await front_bus.broker.declare()
-        render_bus = await _connected(stack, MemoryBroker(hub, topology))
-        catalog = Catalog.load(settings.workflows_dirs)
         base_url = local.public_base_url or f"{server.url}/images"
         store = LocalStore(local.root, public_base_url=base_url)
-        await store.start()
-        stack.push_async_callback(store.close)
-        backend = await start_backend(stack, renderer, fall_back=True)
+        parts, bus = await _in_process(stack, settings, renderer, amqp, store)
         ledger_path = LedgerSettings(data_dir=settings.data_dir).ledger_path
-        front = await frontend(
-            stack, front_bus, catalog, ledger_path, settings.frontend_id, backends=[backend.name]
-        )
-        worker = await start_worker(stack, render_bus, backend, store, catalog, renderer)
-        services = await api_services(stack, front, front_bus, ledger_path, store)
+        services = await api_services(stack, parts.frontend, bus, ledger_path, store)
         await start_api(stack, services, api, server)
-        yield Embedded(front, worker, store, backend), server
+        yield parts, server
 
 
 async def up_service(stop: asyncio.Event, api: ApiSettings) -> None:
