@@ -250,6 +250,16 @@ class ProgressBar:
             self._stream.flush()
 
 
+def stop_on_signals() -> asyncio.Event:
+    """An event set at SIGTERM or SIGINT (a service's ``stop``): the service then stops
+    in order, rather than dying where it stands."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
 async def _renderer(gpu_spec: str | None) -> int:
     from brigade.app import renderer_service
     from renderer.gpus import GpuError, parse_gpus
@@ -260,10 +270,7 @@ async def _renderer(gpu_spec: str | None) -> int:
     except GpuError as exc:
         print(f"brigade: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     try:
         await renderer_service(stop, gpus)
     except GpuError as exc:
@@ -276,10 +283,7 @@ async def _bot() -> int:
     """``brigade bot`` until SIGTERM or SIGINT."""
     from bot.service import run_bot
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     await run_bot(stop)  # SystemExit with a message: no token, no AMQP_URL, token refused
     return 0
 
@@ -296,10 +300,7 @@ async def _serve(mode: str) -> int:
     except ValidationError as exc:
         print(f"brigade: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     try:
         if mode == "api":
             await api_service(stop, api)
