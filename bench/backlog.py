@@ -52,6 +52,21 @@ def held_job(n: int, users: int = 200) -> Job:
     )
 
 
+async def fill(
+    ledger: Ledger, backlog: int, window: int, users: int
+) -> tuple[list[Job], list[str]]:
+    """Hold ``backlog`` jobs of ``users`` users in ``ledger``, behind ``window`` of them
+    released and confirmed: every job admitted, and the ids of those released."""
+    held = [held_job(n, users) for n in range(backlog + window)]
+    for job in held:
+        await ledger.admit(job, window=0)
+    published = [record.job.job_id for record in (await ledger.release("fast", window)).records]
+    for job_id in published:
+        ledger.confirmed(job_id)
+    await ledger.flush()
+    return held, published
+
+
 async def take_and_release(ledger: Ledger, window: int, published: list[str]) -> float:
     """A renderer takes the first of ``published`` (an ``accepted`` event, untimed), and
     the next jobs are released and confirmed (added to ``published``); how long the
@@ -76,14 +91,7 @@ async def measure(
         ledger = Ledger(Path(folder) / "ledger.sqlite3", per_model=per_model)
         await ledger.open()
         try:
-            for n in range(backlog + window):
-                await ledger.admit(held_job(n, users), window=0)
-            published = [
-                record.job.job_id for record in (await ledger.release("fast", window)).records
-            ]
-            for job_id in published:
-                ledger.confirmed(job_id)
-            await ledger.flush()
+            _, published = await fill(ledger, backlog, window, users)
 
             admits: list[float] = []
             late: list[float] = []

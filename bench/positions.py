@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.backlog import held_job, take_and_release
+from bench.backlog import fill, held_job, take_and_release
 from bench.common import quiet_logs, summary_ms
 from jobs.ledger import Ledger
 
@@ -71,15 +71,7 @@ async def measure(backlog: int, load: Load) -> None:
         ledger = Ledger(Path(folder) / "ledger.sqlite3", per_model=per_model)
         await ledger.open()
         try:
-            held = [held_job(n, users) for n in range(backlog + WINDOW)]
-            for job in held:
-                await ledger.admit(job, window=0)
-            published = [
-                record.job.job_id for record in (await ledger.release("fast", WINDOW)).records
-            ]
-            for job_id in published:
-                ledger.confirmed(job_id)
-            await ledger.flush()
+            held, published = await fill(ledger, backlog, WINDOW, users)
             released = set(published)
             cards = [job.job_id for job in held if job.job_id not in released]
 
@@ -118,8 +110,9 @@ async def measure(backlog: int, load: Load) -> None:
             async def first_card(job_id: str) -> None:
                 began = time.perf_counter()
                 await ledger.position(job_id)
-                positions.append(time.perf_counter() - began)
-                first_positions.append(time.perf_counter() - began)
+                took = time.perf_counter() - began
+                positions.append(took)
+                first_positions.append(took)
 
             async def release_one() -> None:
                 if published:

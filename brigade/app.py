@@ -182,7 +182,7 @@ async def embedded(
     """Everything in this process. Nothing queued here outlives it."""
     async with AsyncExitStack() as stack:
         store = LocalStore(images_dir or LocalStoreSettings(data_dir=settings.data_dir).root)
-        parts, _ = await _in_process(stack, settings, renderer, amqp, store)
+        parts, _, _ = await _in_process(stack, settings, renderer, amqp, store)
         yield parts
 
 
@@ -192,10 +192,10 @@ async def _in_process(
     renderer: RendererSettings | None,
     amqp: AmqpSettings | None,
     store: LocalStore,
-) -> tuple[Embedded, JobBus]:
+) -> tuple[Embedded, JobBus, Path]:
     """The in-process broker, ``store`` (started here), a renderer on ComfyUI at
     ``COMFYUI_URL`` when it answers (else the demo backend), and a frontend; with the
-    frontend's bus (the API's services need it)."""
+    frontend's bus and the ledger's file (the API's services need both)."""
     renderer = renderer or RendererSettings()
     topology = (amqp or AmqpSettings()).topology()
     renderer = renderer.model_copy(update={"lanes": list(topology.lanes)})
@@ -212,7 +212,7 @@ async def _in_process(
         stack, front_bus, catalog, ledger_path, settings.frontend_id, backends=[backend.name]
     )
     worker = await start_worker(stack, render_bus, backend, store, catalog, renderer)
-    return Embedded(front, worker, store, backend), front_bus
+    return Embedded(front, worker, store, backend), front_bus, ledger_path
 
 
 def production_store(s3: S3Settings, local: LocalStoreSettings) -> ObjectStore:
@@ -402,8 +402,7 @@ async def embedded_api(
         server = bind_api(stack, api)  # first: a taken port fails before anything starts
         base_url = local.public_base_url or f"{server.url}/images"
         store = LocalStore(local.root, public_base_url=base_url)
-        parts, bus = await _in_process(stack, settings, renderer, amqp, store)
-        ledger_path = LedgerSettings(data_dir=settings.data_dir).ledger_path
+        parts, bus, ledger_path = await _in_process(stack, settings, renderer, amqp, store)
         services = await api_services(stack, parts.frontend, bus, ledger_path, store)
         await start_api(stack, services, api, server)
         yield parts, server
