@@ -62,6 +62,7 @@ from jobs.rabbitmq import RabbitBroker
 from jobs.settings import FairSettings
 from jobs.sql import FileBusy, SqliteFile, immediate, insert_row
 from jobs.topology import build_topology
+from tests.fixtures.rabbitmq import delete_topology
 from workflows import Catalog
 
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -252,13 +253,7 @@ async def main(
         finally:
             await ledger.close()
             await scratch.close()
-            connection = await aio_pika.connect(URL)
-            async with connection:
-                channel = await connection.channel()
-                for queue in topology.queues:
-                    await channel.queue_delete(queue.name, if_unused=False, if_empty=False)
-                for exchange in topology.exchanges:
-                    await channel.exchange_delete(exchange.name)
+            await delete_topology(URL, topology, [])
             await broker.close()
     raw_median, admitted_median = statistics.median(raw), statistics.median(admitted)
     print(
