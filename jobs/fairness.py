@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -98,15 +98,84 @@ def fair_order(
     that can go now, and a user whose jobs all wait for full destinations keeps its turn.
     Jobs made at the same moment go in order of their ids (so an order read from the
     ledger in any row order, ``jobs/claims.py``, is the same)."""
-    left: dict[str | None, int] | None = None if room is None else dict(room)
+    if room is None:
+        return _with_heaps(_hold(waiting), tags, limit, until)
+    left = dict(room)
+    return _one_by_one(
+        _hold(job for job in waiting if left.setdefault(job.model, default_room) > 0),
+        tags,
+        limit,
+        until,
+        left,
+    )
+
+
+def release_sequence(waiting: Iterable[Waiting], tags: Tags) -> list[Waiting]:
+    """``waiting`` in the order :func:`fair_order` releases it without room, without the
+    tags (a queued job's position needs its place only: ``Ledger.position``).
+
+    When the tags are as releases leave them (no tenant's last tag past the lane's clock,
+    no user's past its tenant's clock), a tenant served takes the lane's newest tag, and
+    a user served its tenant's newest: the tenants simply take turns, in the order of
+    their keys as the order begins (last tag, then oldest job), each giving its users'
+    jobs in turns likewise. Those turns take O(n), where the heaps of :func:`fair_order`
+    cost O(n log n) and an object per release (10,000 held jobs of as many users:
+    about 100 ms against a few). Tags no releases could leave get the heaps."""
+    held = _hold(waiting)
+    if not _as_released(held, tags):
+        jobs = {
+            job.job_id: job for users in held.values() for queue in users.values() for job in queue
+        }
+        return [jobs[release.job_id] for release in _with_heaps(held, tags, None, None)]
+    # Sorting is stable: equal last tags keep the order of first appearance, which is
+    # that of the oldest jobs (the keys' next part) and of the seats (the last part).
+    tenants = sorted(held, key=lambda tenant: tags.tenant_last.get(tenant, 0))
+    return _turns(
+        [
+            _turns(
+                [
+                    held[tenant][user]
+                    for user in sorted(
+                        held[tenant], key=lambda user: tags.user_last.get((tenant, user), 0)
+                    )
+                ]
+            )
+            for tenant in tenants
+        ]
+    )
+
+
+def _hold(waiting: Iterable[Waiting]) -> Held:
+    """``waiting`` by tenant and user, each user's jobs oldest first (exact ties: by id)."""
     held: Held = defaultdict(lambda: defaultdict(deque))
     for job in sorted(waiting, key=lambda j: (j.created_at, j.job_id)):
-        if left is not None and left.setdefault(job.model, default_room) <= 0:
-            continue
         held[job.tenant][job.user].append(job)
-    if left is None:
-        return _with_heaps(held, tags, limit, until)
-    return _one_by_one(held, tags, limit, until, left)
+    return held
+
+
+def _as_released(held: Held, tags: Tags) -> bool:
+    """Whether ``tags`` are as releases leave them for the tenants and users of ``held``:
+    no tenant's last tag past the lane's clock, no user's past its tenant's clock."""
+    for tenant, users in held.items():
+        if tags.tenant_last.get(tenant, 0) > tags.lane_clock:
+            return False
+        clock = tags.tenant_clock.get(tenant, 0)
+        if any(tags.user_last.get((tenant, user), 0) > clock for user in users):
+            return False
+    return True
+
+
+def _turns(queues: Sequence[Sequence[Waiting]]) -> list[Waiting]:
+    """One from each queue in turn, those emptied dropping out, until none is left (each
+    queue still in play gives its n-th at the n-th turn: nothing is copied or popped)."""
+    order: list[Waiting] = []
+    playing = [queue for queue in queues if queue]
+    turn = 0
+    while playing:
+        order += [queue[turn] for queue in playing]
+        turn += 1
+        playing = [queue for queue in playing if len(queue) > turn]
+    return order
 
 
 def _one_by_one(

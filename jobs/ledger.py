@@ -29,7 +29,7 @@ import structlog
 
 from jobs import quotas
 from jobs.claims import ClaimOrder, lane_clock, last_tags
-from jobs.fairness import Release, Tags, Waiting, fair_order
+from jobs.fairness import Release, Tags, Waiting, release_sequence
 from jobs.models import (
     Accepted,
     Event,
@@ -676,15 +676,13 @@ class Ledger:
         for released_id, model, moment in released:
             among = moments[model if self.per_model and model is not None else None]
             positions[released_id] = bisect_left(among, moment) + 1  # those released before
-        models = {job.job_id: job.model for job in waiting}
         behind = {key: len(among) for key, among in moments.items()}  # at the broker
-        for release in fair_order(waiting, tags):
-            model = models[release.job_id]
-            key = model if self.per_model and model is not None else None
+        for job in release_sequence(waiting, tags):
+            key = job.model if self.per_model and job.model is not None else None
             behind[key] = behind.get(key, 0) + 1
             if key is not None:  # the lane's place counts every model's held jobs
                 behind[None] += 1
-            positions[release.job_id] = behind[key]
+            positions[job.job_id] = behind[key]
         spent = time.perf_counter() - began
         until = renew = 0.0
         if len(waiting) > POSITION_EXACT_HELD:  # answers for a while, whatever changes
@@ -1003,7 +1001,7 @@ def _unclaim_lapsed(db: sqlite_utils.Database, lane: str, stale: str) -> None:
 
 def _fair_state(db: sqlite_utils.Database, lane: str) -> tuple[list[Waiting], Tags]:
     """Every held job of ``lane``, claimed or not, and the tags releases left: what
-    :func:`~jobs.fairness.fair_order` needs to tell a held job's place (its position)."""
+    :func:`~jobs.fairness.release_sequence` needs to tell a held job's place (its position)."""
     waiting = _held_jobs(db, lane)
     return waiting, _tags(db, lane, waiting)
 

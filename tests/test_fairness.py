@@ -7,7 +7,17 @@ from collections import deque
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs.fairness import Held, Tags, Waiting, _one_by_one, _with_heaps, fair_order
+from jobs.fairness import (
+    Clocks,
+    Held,
+    Tags,
+    Waiting,
+    _as_released,
+    _one_by_one,
+    _with_heaps,
+    fair_order,
+    release_sequence,
+)
 
 NONE = Tags(0, {}, {}, {})
 
@@ -113,3 +123,40 @@ def test_the_heaps_give_the_order_of_choosing_among_everyone(
     fast = _with_heaps(_held(jobs), tags, limit, until)
     assert fast == _one_by_one(_held(jobs), tags, limit, until, None)
     assert fair_order(jobs, tags, limit=limit, until=until) == fast
+
+
+@st.composite
+def _released_tags(draw: st.DrawFn) -> tuple[list[Waiting], Tags]:
+    """Jobs as :func:`_orders` draws them, and the tags some earlier releases of those
+    tenants' and users' jobs (and others') left: as a ledger holds them."""
+    jobs, _, _, _ = draw(_orders())
+    clocks = Clocks(NONE)
+    served = st.tuples(
+        st.sampled_from(["a", "b", "c", "d", "e"]), st.sampled_from(["u0", "u1", "u2", "u3", "u5"])
+    )
+    for n, (tenant, user) in enumerate(draw(st.lists(served, max_size=30))):
+        clocks.release(f"gone{n}", tenant, user)
+    return jobs, Tags(clocks.lane_clock, clocks.tenant_last, clocks.tenant_clock, clocks.user_last)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(_released_tags())
+def test_the_turns_give_the_order_of_the_heaps(case: tuple[list[Waiting], Tags]) -> None:
+    """With tags as releases leave them, ``release_sequence`` lets tenants and users take
+    turns: the jobs must come in the order ``fair_order`` releases them, ties included."""
+    jobs, tags = case
+    assert _as_released(_held(jobs), tags)
+    expected = [release.job_id for release in fair_order(jobs, tags)]
+    assert [job.job_id for job in release_sequence(jobs, tags)] == expected
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(_orders())
+def test_the_sequence_follows_the_heaps_with_any_tags(
+    case: tuple[list[Waiting], Tags, int | None, str | None],
+) -> None:
+    """Tags no releases could leave (a last tag past its clock) take the heaps' way: the
+    same order still."""
+    jobs, tags, _, _ = case
+    expected = [release.job_id for release in fair_order(jobs, tags)]
+    assert [job.job_id for job in release_sequence(jobs, tags)] == expected
