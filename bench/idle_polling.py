@@ -18,8 +18,6 @@ import asyncio
 import os
 import uuid
 
-import aio_pika
-
 from bench.common import quiet_logs
 from jobs.broker import Delivery, QueueInfo
 from jobs.bus import JobBus
@@ -27,6 +25,7 @@ from jobs.rabbitmq import RabbitBroker
 from jobs.topology import build_topology
 from renderer.affinity import ModelAffinity
 from renderer.settings import RendererSettings
+from tests.fixtures.rabbitmq import delete_topology
 
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -78,15 +77,9 @@ async def main(renderers: int, models: int, seconds: float) -> None:
         for broker in brokers:
             await broker.close()
         await front.close()
-        connection = await aio_pika.connect(URL)
-        async with connection:
-            channel = await connection.channel()
-            queues = [spec.name for spec in topology.queues]
-            queues += [topology.model_queue("fast", model).name for model in names]
-            for queue in queues:  # the lane's and the models' (the looks declared them)
-                await channel.queue_delete(queue, if_unused=False, if_empty=False)
-            for exchange in topology.exchanges:
-                await channel.exchange_delete(exchange.name)
+        # The lane's queues and the models' (the looks declared them).
+        models_queues = [topology.model_queue("fast", model).name for model in names]
+        await delete_topology(URL, topology, models_queues)
     rate = CountingBus.inspections / seconds / renderers
     print(
         f"{renderers} idle renderers, {models} models, {seconds:.0f} s "

@@ -97,7 +97,12 @@ def fair_order(
     part only while their destination has room: the order is the fair order of the jobs
     that can go now, and a user whose jobs all wait for full destinations keeps its turn.
     Jobs made at the same moment go in order of their ids (so an order read from the
-    ledger in any row order, ``jobs/claims.py``, is the same)."""
+    ledger in any row order, ``jobs/claims.py``, is the same).
+
+    The ledger does not call this: claims read their order from SQLite
+    (``jobs/claims.py``) and positions take :func:`release_sequence` (whose fallback
+    uses the heaps below). This is the order as defined, which the tests check both of
+    them against."""
     if room is None:
         return _with_heaps(_hold(waiting), tags, limit, until)
     left = dict(room)
@@ -120,7 +125,7 @@ def release_sequence(waiting: Iterable[Waiting], tags: Tags) -> list[Waiting]:
     their keys as the order begins (last tag, then oldest job), each giving its users'
     jobs in turns likewise. Those turns take O(n), where the heaps of :func:`fair_order`
     cost O(n log n) and an object per release (10,000 held jobs of as many users:
-    about 100 ms against a few). Tags no releases could leave get the heaps."""
+    about 100 ms against about 10). Tags no releases could leave get the heaps."""
     held = _hold(waiting)
     if not _as_released(held, tags):
         jobs = {
@@ -130,19 +135,14 @@ def release_sequence(waiting: Iterable[Waiting], tags: Tags) -> list[Waiting]:
     # Sorting is stable: equal last tags keep the order of first appearance, which is
     # that of the oldest jobs (the keys' next part) and of the seats (the last part).
     tenants = sorted(held, key=lambda tenant: tags.tenant_last.get(tenant, 0))
-    return _turns(
-        [
-            _turns(
-                [
-                    held[tenant][user]
-                    for user in sorted(
-                        held[tenant], key=lambda user: tags.user_last.get((tenant, user), 0)
-                    )
-                ]
-            )
-            for tenant in tenants
-        ]
-    )
+    return _turns([_tenant_turns(tenant, held[tenant], tags) for tenant in tenants])
+
+
+def _tenant_turns(tenant: str, users: dict[str, deque[Waiting]], tags: Tags) -> list[Waiting]:
+    """``tenant``'s held jobs in the order it releases them: its users in turns, in the
+    order of their last user tags (ties: first appearance, as for the tenants)."""
+    order = sorted(users, key=lambda user: tags.user_last.get((tenant, user), 0))
+    return _turns([users[user] for user in order])
 
 
 def _hold(waiting: Iterable[Waiting]) -> Held:
